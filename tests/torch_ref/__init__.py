@@ -1,0 +1,1 @@
+"""Small PyTorch references used only by the parity tests (never imported by the package)."""
