@@ -1,1 +1,38 @@
+"""Data pipeline: RefCOCO-family readers (refer layout, tfds), a synthetic set, DETRIS preprocessing, CLIP
+tokenizer and a Grain loader. Raw examples are dicts {"image" uint8 (H, W, 3), "mask" uint8 (H, W),
+"sentence", "image_id", "ann_id", "ref_id", "sent_id"}; see docs/DATA.md.
 
+Submodules import lazily (tfds, pycocotools and transformers are only loaded when used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "tokenize": "tokenizer",
+    "preprocess_train": "preprocess",
+    "preprocess_eval": "preprocess",
+    "letterbox_matrix": "preprocess",
+    "normalize": "preprocess",
+    "load_image": "preprocess",
+    "MEAN": "preprocess",
+    "STD": "preprocess",
+    "ExampleError": "preprocess",
+    "SyntheticRefer": "synthetic",
+    "matching_objects": "synthetic",
+    "make_loader": "loader",
+    "iterator_checkpoint_args": "loader",
+    "iterator_restore_args": "loader",
+    "ReferSource": "refer",
+    "RefCocoTfdsSource": "refcoco",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

@@ -1,0 +1,143 @@
+"""Grain input pipeline: deterministic shuffling, per-host sharding, batching and exact resume.
+
+Source: the Grain `DataLoader` recipe (IndexSampler + RandomMap + Batch) and its Orbax checkpoint handler.
+The record order is a function of (seed, epoch): epoch e is permuted with seed + e (Grain's index shuffle),
+and a transform's random choices (DETRIS draws one sentence per object at random) come from a
+`np.random.Generator` seeded by (seed + global record index), so a resumed run sees the same bytes.
+
+Sharding: host k of n reads the k-th contiguous 1/n of the records (each permuted independently) and
+yields per-host batches of global_batch_size / n; `jax.process_index()/process_count()` by default.
+Training (`drop_remainder=True`) uses Grain's even shards; evaluation (`drop_remainder=False`) reads
+every record exactly once through an uneven shard view, since Grain's sampler would drop the remainder.
+With `num_epochs=None` the stream is endless and batches run across epoch boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]]
+
+
+class _RandomTransform(grain.transforms.RandomMap):
+    """Adapts `transform(example, rng)` to Grain's RandomMap (rng: per-record Philox generator)."""
+
+    def __init__(self, transform: Transform):
+        self._transform = transform
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self._transform(element, rng)
+
+
+class _ShardView:
+    """Records [start, end) of a source (uneven host shards, which Grain's own sharding truncates)."""
+
+    def __init__(self, source: Any, start: int, end: int):
+        self.source, self.start, self.end = source, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[self.start + int(index)]
+
+    def __repr__(self) -> str:
+        return f"_ShardView({self.source!r}, start={self.start}, end={self.end})"
+
+
+def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if (shard_index is None) != (shard_count is None):
+        raise ValueError("give both shard_index and shard_count, or neither (then the JAX process is used)")
+    if shard_index is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    return shard_index, shard_count
+
+
+def per_host_batch_size(global_batch_size: int, shard_count: int) -> int:
+    """global_batch_size / shard_count; an error if it does not divide."""
+    if global_batch_size <= 0 or global_batch_size % shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of {shard_count} hosts")
+    return global_batch_size // shard_count
+
+
+def steps_per_epoch(num_records: int, global_batch_size: int, shard_count: int = 1) -> int:
+    """Full global batches in one epoch when every host drops its remainder records."""
+    per_host = per_host_batch_size(global_batch_size, shard_count)
+    return (num_records // shard_count) // per_host
+
+
+def make_loader(
+    source: Any,
+    transform: Transform,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+) -> grain.DataLoader:
+    """A Grain DataLoader over a random-access `source` yielding dicts of per-host batched arrays.
+
+    `transform(example, rng) -> dict of fixed-shape arrays`. Batches have a leading axis of
+    global_batch_size / shard_count. `drop_remainder` also makes the host shards equal in size (hosts must
+    step together); with `drop_remainder=False` (evaluation) shards may differ by one record and the last
+    batch may be short. `iter(loader)` gives an iterator with get_state()/set_state(); see
+    `iterator_checkpoint_args` for Orbax. The source needs a stable `repr` (Grain validates it on restore).
+    """
+    index, count = _host(shard_index, shard_count)
+    batch = per_host_batch_size(global_batch_size, count)
+    if len(source) == 0:
+        raise ValueError(f"empty data source {source!r}")
+    if drop_remainder and num_epochs is not None and (len(source) // count) * num_epochs < batch:
+        raise ValueError(
+            f"{source!r} has {len(source)} records: {num_epochs} epoch(s) give no per-host batch of {batch} "
+            f"on {count} host(s)"
+        )
+    if drop_remainder:
+        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
+    else:  # every record once: the first len % count hosts read one more record
+        base, extra = divmod(len(source), count)
+        start = index * base + min(index, extra)
+        source = _ShardView(source, start, start + base + (index < extra))
+        shard = grain.sharding.NoSharding()
+    if worker_count > 0:  # Grain's worker processes read absl flags; outside absl.app nothing parsed them
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[_RandomTransform(transform), grain.transforms.Batch(batch, drop_remainder=drop_remainder)],
+        worker_count=worker_count,
+        shard_options=shard,
+    )
+
+
+def iterator_checkpoint_args(iterator: grain.DataLoaderIterator) -> Any:
+    """Orbax save args for the iterator's position: use as an item of `ocp.args.Composite(...)`.
+
+    Example: `mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    data=iterator_checkpoint_args(it)))`. Writes `process_<i>-of-<n>.json` (one file per JAX process).
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator: grain.DataLoaderIterator) -> Any:
+    """Orbax restore args: `mngr.restore(step, args=ocp.args.Composite(..., data=iterator_restore_args(it)))`
+    moves `it` (a fresh iterator of an identically built loader) to the saved position, in place."""
+    return grain.checkpoint.CheckpointRestore(iterator)

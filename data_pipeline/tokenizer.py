@@ -1,0 +1,119 @@
+"""OpenAI CLIP byte-level BPE tokenizer, offline, in the DETRIS convention.
+
+Source: OpenAI CLIP `simple_tokenizer.py` and DETRIS `utils/dataset.py::tokenize(..., truncate=True)`:
+ids = [SOT] + bpe(clean(text)) + [EOT], cut to `context_length` with the last id forced to EOT, padded with
+**0** (DETRIS's decoder masks padding with `id == 0`; the sentence feature is read at argmax(id) = EOT).
+
+The vocabulary is the 49,408-entry `bpe_simple_vocab_16e6.txt.gz` that ships inside the `clip-anytorch`
+wheel; it is located through `importlib.util.find_spec("clip")` without importing `clip` (which would need
+torchvision). The BPE itself runs in `transformers.CLIPTokenizer` (Rust `tokenizers` backend) built from an
+in-memory vocab/merges; the text clean-up that tokenizer lacks (ftfy, double HTML unescape) is done here,
+so ids equal OpenAI's exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps merges[1 : 48895]
+_FIX = "pip install --no-deps clip-anytorch==2.6.0"
+
+
+class VocabularyMissingError(FileNotFoundError):
+    """The CLIP BPE vocabulary file could not be found."""
+
+
+def vocab_path() -> str:
+    """Path of `bpe_simple_vocab_16e6.txt.gz` inside the installed `clip` package (not imported)."""
+    spec = importlib.util.find_spec("clip")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = os.path.join(loc, VOCAB_FILE)
+        if os.path.isfile(path):
+            return path
+    where = ", ".join(locations) if locations else "no `clip` package installed"
+    raise VocabularyMissingError(f"CLIP BPE vocabulary {VOCAB_FILE} not found ({where}). Install it with: {_FIX}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible map from the 256 byte values to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+@functools.cache
+def _tokenizer():
+    """Builds (once) the transformers CLIPTokenizer from OpenAI's vocabulary, in OpenAI's id order."""
+    from transformers import CLIPTokenizer
+
+    path = vocab_path()
+    try:
+        with gzip.open(path) as f:
+            lines = f.read().decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise VocabularyMissingError(f"CLIP BPE vocabulary {path} is unreadable ({e}). Reinstall: {_FIX}") from e
+    merges = [tuple(m.split()) for m in lines[1 : _NUM_MERGES + 1]]
+    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise VocabularyMissingError(f"CLIP BPE vocabulary {path} is truncated or malformed. Reinstall: {_FIX}")
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    return tok, vocab[SOT_TOKEN], vocab[EOT_TOKEN]
+
+
+def clean(text: str) -> str:
+    """OpenAI's text clean-up: ftfy repair, HTML-unescape twice, collapse whitespace, lower-case."""
+    import ftfy
+    import regex
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+def encode(text: str) -> list[int]:
+    """BPE ids of `text` without SOT/EOT (OpenAI `SimpleTokenizer.encode`)."""
+    tok, _, _ = _tokenizer()
+    return list(tok(clean(text), add_special_tokens=False)["input_ids"])
+
+
+def special_ids() -> tuple[int, int]:
+    """(SOT id, EOT id) = (49406, 49407)."""
+    _, sot, eot = _tokenizer()
+    return sot, eot
+
+
+def tokenize(texts: str | Sequence[str], context_length: int) -> np.ndarray:
+    """Token ids, int32 (N, context_length): [SOT] + bpe + [EOT], truncated (last id forced to EOT), 0-padded."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 (SOT and EOT), got {context_length}")
+    tok, sot, eot = _tokenizer()
+    out = np.zeros((len(texts), context_length), np.int32)
+    if not texts:
+        return out
+    encoded = tok([clean(t) for t in texts], add_special_tokens=False)["input_ids"]
+    for i, ids in enumerate(encoded):
+        row = [sot, *ids, eot][:context_length]
+        row[-1] = eot
+        out[i, : len(row)] = row
+    return out
