@@ -1,21 +1,24 @@
-"""DETRIS checkpoint -> Flax: rule builders for the task decoder and the projector (mask head).
+"""DETRIS checkpoint -> Flax: the whole DETRIS model (``python -m port_weights detris SRC OUT``) and rule builders
+for its parts.
 
-DETRIS (jiaqihuang01/DETRIS) names, listed in detris_state_dict_keys.txt: ``decoder.layers.{i}.{norm1,norm2,
-norm3,self_attn_norm,cross_attn_norm}``, ``decoder.layers.{i}.{self_attn,multihead_attn}`` (fused
-``in_proj_weight``/``in_proj_bias`` + ``out_proj``), ``decoder.layers.{i}.ffn.{0,3,4}``, ``decoder.norm``,
-``proj.vis.{1,3}.{0 (conv), 1 (BatchNorm)}``, ``proj.vis.4`` (1x1 conv), ``proj.txt``.
+DETRIS (jiaqihuang01/DETRIS) names, listed in detris_state_dict_keys.txt: ``txt_backbone.*`` (OpenAI CLIP text
+tower; D-MoC text adapters under ``transformer.resblocks.{i}.adapter.*``), ``dinov2.*`` (torch-hub DINOv2; Dense
+Aligners under ``blocks.{i}.adapter.*``), ``neck.*``, ``decoder.layers.{i}.{norm1,norm2,norm3,self_attn_norm,
+cross_attn_norm}``, ``decoder.layers.{i}.{self_attn,multihead_attn}`` (fused ``in_proj_weight``/``in_proj_bias`` +
+``out_proj``), ``decoder.layers.{i}.ffn.{0,3,4}``, ``decoder.norm``, ``proj.vis.{1,3}.{0 (conv), 1 (BatchNorm)}``,
+``proj.vis.4`` (1x1 conv), ``proj.txt``.
 
 Targets carry the variable collection as their first component (``params/...`` and, for BatchNorm running
 statistics, ``batch_stats/...``), so one ``convert(state_dict, rules, expected=<full variables>)`` call fills
-both collections of :class:`wimfris_jax.decoder.Decoder` / :class:`wimfris_jax.decoder.Projector` (or of a whole
-model holding them under ``dst``). ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``convert``.
+both collections. ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``convert``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from port_weights.common import Rule, conv2d, heads_out, linear, split_in_proj
+from port_weights.common import Rule, conv1d, conv2d, conv_transpose2d, heads_out, linear, split_in_proj
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).
 IGNORE = [r"(module\.)?(.*\.)?num_batches_tracked"]
@@ -66,3 +69,76 @@ def projector_rules(src: str = "proj.", dst: str = "projector") -> list[Rule]:
         Rule(rf"{s}txt\.weight", f"{p}/txt/kernel", linear),
         Rule(rf"{s}txt\.bias", f"{p}/txt/bias"),
     ]
+
+
+# ------------------------------------------------------------------------------------- adapters, neck
+def batchnorm_rules(src: str, dst: str) -> list[Rule]:
+    """PyTorch BatchNorm ``{src}{weight,bias,running_mean,running_var}`` (``src`` a regex) -> flax
+    ``params/{dst}/{scale,bias}`` and ``batch_stats/{dst}/{mean,var}`` (``dst`` may reference src's groups)."""
+    return [
+        Rule(src + r"weight", f"params/{dst}/scale"),
+        Rule(src + r"bias", f"params/{dst}/bias"),
+        Rule(src + r"running_mean", f"batch_stats/{dst}/mean"),
+        Rule(src + r"running_var", f"batch_stats/{dst}/var"),
+    ]
+
+
+def mha_rules(src: str, dst: str, num_heads: int) -> list[Rule]:
+    """``nn.MultiheadAttention`` at ``src`` (a regex ending in '.') -> flax MHA at ``params/{dst}``."""
+    return [
+        Rule(src + r"in_proj_(weight|bias)", f"params/{dst}", split_in_proj(num_heads)),
+        Rule(src + r"out_proj\.weight", f"params/{dst}/out/kernel", heads_out(num_heads)),
+        Rule(src + r"out_proj\.bias", f"params/{dst}/out/bias"),
+    ]
+
+
+def _dense(src: str, dst: str) -> list[Rule]:
+    return [Rule(src + r"weight", f"params/{dst}/kernel", linear), Rule(src + r"bias", f"params/{dst}/bias")]
+
+
+def _adapter_common(src: str, dst: str, conv: Callable) -> list[Rule]:
+    """D_fc1/D_fc2 and the D-MoC branches; ``src`` has one group (the block index) that ``dst`` references as \\1."""
+    rules = _dense(src + r"D_fc1\.", rf"{dst}/D_fc1") + _dense(src + r"D_fc2\.", rf"{dst}/D_fc2")
+    for s, d in ((r"dense_branch1\.", "dense_branch1"), (r"dense_branch([23])\.([01])\.", r"dense_branch\2_\3")):
+        rules += [
+            Rule(src + s + r"conv\.weight", rf"params/{dst}/{d}/conv/kernel", conv),
+            Rule(src + s + r"conv\.bias", rf"params/{dst}/{d}/conv/bias"),
+        ]
+        rules += batchnorm_rules(src + s + r"bn\.", rf"{dst}/{d}/bn")
+    return rules
+
+
+def dense_aligner_rules(
+    src: str = r"dinov2\.blocks\.(\d+)\.adapter\.", dst: str = r"vision_adapter_\1", num_heads: int = 8
+) -> list[Rule]:
+    """Dense Aligners (:class:`wimfris_jax.adapters.detris.DenseAligner`): ``src`` is a regex with one group (the
+    block index), ``dst`` the adapter's path template (e.g. ``vision_adapter_\\1``)."""
+    rules = _adapter_common(src, dst, conv2d)
+    rules += mha_rules(src + r"cross\.multihead_attn\.", rf"{dst}/cross/multihead_attn", num_heads)
+    for name in ("image_proj", "text_proj", "back_proj"):
+        rules += _dense(src + rf"cross\.{name}\.", rf"{dst}/cross/{name}")
+    return rules
+
+
+def text_adapter_rules(
+    src: str = r"txt_backbone\.transformer\.resblocks\.(\d+)\.adapter\.", dst: str = r"text_adapter_\1"
+) -> list[Rule]:
+    """D-MoC text adapters (:class:`wimfris_jax.adapters.detris.TextAdapter`); ``src``/``dst`` as above."""
+    return _adapter_common(src, dst, conv1d)
+
+
+def neck_rules(src: str = "neck.", dst: str = "neck", num_heads: int = 8) -> list[Rule]:
+    """The DETRIS neck (:class:`wimfris_jax.neck.detris.DetrisNeck`) at ``src`` (a plain prefix) -> ``dst``."""
+    s = re.escape(src)
+    rules = []
+    for k in (3, 4, 5):
+        rules += mha_rules(rf"{s}fusion{k}\.multihead_attn\.", f"{dst}/fusion{k}/multihead_attn", num_heads)
+    rules += _dense(rf"{s}txt_proj\.", f"{dst}/txt_proj")
+    rules.append(Rule(rf"{s}f5_proj\.0\.weight", f"params/{dst}/f5_proj_0/kernel", conv_transpose2d))
+    rules.append(Rule(rf"{s}(f3_proj|f4_proj|aggr)\.0\.weight", rf"params/{dst}/\1_0/kernel", conv2d))
+    rules.append(Rule(rf"{s}coordconv\.1\.0\.weight", f"params/{dst}/coordconv_1_0/kernel", conv2d))
+    rules.append(Rule(rf"{s}coordconv\.0\.conv1\.0\.weight", f"params/{dst}/coordconv_0_conv1_0/kernel", conv2d))
+    rules += batchnorm_rules(rf"{s}(f3_proj|f4_proj|f5_proj|aggr)\.1\.", rf"{dst}/\1_1")
+    rules += batchnorm_rules(rf"{s}coordconv\.0\.conv1\.1\.", f"{dst}/coordconv_0_conv1_1")
+    rules += batchnorm_rules(rf"{s}coordconv\.1\.1\.", f"{dst}/coordconv_1_1")
+    return rules

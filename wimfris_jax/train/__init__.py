@@ -1,1 +1,13 @@
+"""Training machinery (WIMFRIS Sec. 4.1 recipe on a JAX device mesh).
 
+  freeze      trainable/frozen split by path regexes
+  state       TrainState, create_train_state, init_train_state (sharded init), abstract_state
+  optim       Adam + step-decay schedule (make_optimizer, lr_schedule)
+  sharding    mesh, replicated / FSDP shardings, shard_batch, maybe_initialize_distributed
+  step        make_train_step (loss, grads of the trainable split, bf16 option), jit_train_step
+  checkpoint  Checkpoints: orbax last-N + best-by-metric, with the grain iterator position
+  logging     MetricWriter: metrics.jsonl + TensorBoard
+  loop        train(config, workdir, ...): everything above, with tqdm, eval, resume and Ctrl-C
+
+Submodules are imported explicitly (``from wimfris_jax.train.loop import train``) to keep this import light.
+"""
