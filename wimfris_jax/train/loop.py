@@ -1,0 +1,254 @@
+"""The training loop: data -> sharded train step -> logs, checkpoints, evaluation, resume, Ctrl-C.
+
+Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; DETRIS_FACTS.md "Loss and training")
+around :mod:`~wimfris_jax.train.step`. Every piece is built from the config unless injected (tests inject a
+toy model; the CLI may inject pretrained variables through ``init_fn``).
+
+Config keys read (``config.train``): global_batch_size, epochs, steps_per_epoch (default
+len(source) // global_batch_size), lr, lr_milestones, lr_decay, trainable, compute_dtype, fsdp,
+fsdp_min_size, log_every, ckpt_every, keep_last, eval_every (steps; 0 = only at the end) or
+eval_every_epochs, best_metric ("mIoU"), resume; ``config.seed``.
+
+Failure handling: the losses and gradient norms of all steps since the last check are verified before
+every log line, checkpoint and evaluation; a non-finite value raises ``FloatingPointError`` naming the
+first bad step and nothing more is saved. SIGINT (Ctrl-C) is deferred to the end of the current step, then
+a checkpoint is written and ``KeyboardInterrupt`` is raised; a second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from wimfris_jax.train import sharding
+from wimfris_jax.train.checkpoint import Checkpoints
+from wimfris_jax.train.logging import MetricWriter
+from wimfris_jax.train.optim import make_optimizer
+from wimfris_jax.train.state import DEFAULT_TRAINABLE, TrainState, abstract_state, init_train_state, init_variables
+from wimfris_jax.train.step import jit_train_step, make_train_step
+
+EvalFn = Callable[[TrainState], Mapping[str, float]]
+
+
+def train(
+    config: Any,
+    workdir: str | os.PathLike,
+    *,
+    model: Any = None,
+    loss_fn: Callable | None = None,
+    train_source: Any = None,
+    eval_fn: EvalFn | None = None,
+    transform: Callable | None = None,
+    make_loader: Callable | None = None,
+    init_fn: Callable[[jax.Array], Mapping[str, Any]] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainState:
+    """Trains for ``epochs * steps_per_epoch`` steps in total (resuming from ``workdir`` if asked); returns the state.
+
+    Args:
+      model: flax module (default ``wimfris_jax.model.build_model(config.model)``).
+      loss_fn: ``(outputs, mask) -> (loss, aux)`` (default ``wimfris_jax.model.loss_fn`` bound to config.model).
+      train_source: random-access source of raw examples (default from config.data, see build_train_source).
+      eval_fn: ``state -> {"mIoU": ..., ...}`` run every eval_every steps and at the end; ranks ``best/``.
+        It must copy what it keeps (``jax.device_get``): the state's buffers are donated to the next step.
+      transform: ``(example, np.random.Generator) -> {"image", "ids", "mask"}`` (default DETRIS preprocessing).
+      make_loader: ``data_pipeline.loader.make_loader`` or a function with its signature.
+      init_fn: ``rng -> variables`` (e.g. with pretrained backbones); default random ``model.init``.
+      mesh: default: all devices on one "data" axis.
+    """
+    tc = config.train
+    workdir = os.path.abspath(os.fspath(workdir))
+    if model is None or loss_fn is None:
+        from wimfris_jax import model as model_lib
+
+        model = model if model is not None else model_lib.build_model(config.model)
+        loss_fn = loss_fn if loss_fn is not None else functools.partial(model_lib.loss_fn, config.model)
+    source = train_source if train_source is not None else build_train_source(config.data)
+    transform = transform if transform is not None else default_train_transform(config.data)
+    if make_loader is None:
+        from data_pipeline.loader import make_loader
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+
+    gbs = int(tc.global_batch_size)
+    hosts = jax.process_count()
+    spe = int(tc.get("steps_per_epoch") or 0) or (len(source) // hosts) // max(1, gbs // hosts)
+    if spe <= 0:
+        raise ValueError(f"the training source has {len(source)} examples, fewer than one batch of {gbs}")
+    total = int(tc.epochs) * spe
+    log_every = max(1, int(tc.get("log_every", 50)))
+    ckpt_every = int(tc.get("ckpt_every", 0)) or total
+    eval_every = int(tc.get("eval_every_epochs", 0)) * spe or int(tc.get("eval_every", 0))
+
+    ckpts = Checkpoints(workdir, keep_last=int(tc.get("keep_last", 2)), best_metric=tc.get("best_metric", "mIoU"))
+    if ckpts.latest_step() is not None and not tc.get("resume", False):
+        ckpts.close()
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints {ckpts.all_steps()}; set config.train.resume=True to "
+            "continue that run, or use a new workdir"
+        )
+    tx, schedule = make_optimizer(tc, spe)
+    loader = make_loader(source, transform, global_batch_size=gbs, seed=int(config.seed), shuffle=True)
+    data_iter = iter(loader)
+    if init_fn is None:
+        sample = {k: np.asarray(v)[None] for k, v in transform(source[0], np.random.default_rng(0)).items()}
+        init_fn = functools.partial(init_variables, model, sample)
+    fsdp = bool(tc.get("fsdp", False))
+    min_size = int(tc.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
+    trainable = tuple(tc.get("trainable", DEFAULT_TRAINABLE))
+    try:
+        state, shardings = init_train_state(
+            init_fn, tx, trainable, int(config.seed), mesh, fsdp=fsdp, fsdp_min_size=min_size
+        )
+        if ckpts.latest_step() is not None:
+            state = ckpts.restore(abstract_state(state, shardings), data_iter)
+    except BaseException:
+        ckpts.close()
+        raise
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(
+                config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config)
+            )
+
+    step_fn = jit_train_step(
+        make_train_step(model, loss_fn, tx, schedule, compute_dtype=tc.get("compute_dtype", "float32")), shardings, mesh
+    )
+    step = int(state.step)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
+    writer = MetricWriter(workdir)
+    bar = tqdm.tqdm(total=total, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
+    stop = _SigintFlag()
+    last_saved = step
+    t_log, steps_logged = time.perf_counter(), 0
+    try:
+        with stop:
+            while step < total:
+                if stop.raised:
+                    raise KeyboardInterrupt
+                batch = sharding.shard_batch(next(data_iter), mesh)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                steps_logged += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if step % log_every == 0 or step == total:
+                    means = _check_and_average(pending)
+                    dt = time.perf_counter() - t_log
+                    means["images_per_s"] = steps_logged * gbs / max(dt, 1e-9)  # 1st window: + compile
+                    writer.write(step, means)
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means.get('lr', 0):.2e}",
+                                    img_s=f"{means['images_per_s']:.1f}")  # fmt: skip
+                    t_log, steps_logged = time.perf_counter(), 0
+                if step % ckpt_every == 0 or step == total:
+                    _check_and_average(pending)
+                    ckpts.save(state, data_iter)
+                    last_saved = step
+                if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
+                    _check_and_average(pending)
+                    results = {k: float(v) for k, v in eval_fn(state).items()}
+                    writer.write(step, results, prefix="val")
+                    ckpts.save_best(state, results)
+                    t_log, steps_logged = time.perf_counter(), 0
+    except KeyboardInterrupt:
+        _check_and_average(pending)
+        try:
+            if int(state.step) != last_saved:
+                ckpts.save(state, data_iter)
+        except RuntimeError as e:  # a second Ctrl-C inside a step can leave the state donated
+            bar.write(f"interrupted at step {step}; could not save ({e}); last checkpoint: {last_saved}")
+            raise KeyboardInterrupt from e
+        bar.write(f"interrupted at step {step}; checkpoint saved in {workdir}/checkpoints")
+        raise
+    finally:
+        bar.close()
+        writer.close()
+        ckpts.wait()
+        ckpts.close()
+    return state
+
+
+def _check_and_average(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
+    """Fetches pending step metrics, raises on the first non-finite loss / grad norm, returns their means."""
+    if not pending:
+        return {}
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, host):
+        bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
+        if bad:
+            pending.clear()
+            raise FloatingPointError(
+                f"non-finite {', '.join(f'{k}={m[k]}' for k in bad)} at step {step}; training stopped, "
+                "the last saved checkpoint is the last good state"
+            )
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    pending.clear()
+    return means
+
+
+class _SigintFlag:
+    """Context manager turning the first SIGINT into a flag (``raised``); the second one interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self) -> _SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def build_train_source(data_config: Any) -> Any:
+    """The training source named by ``config.data.name``: "synthetic" | "refer" | "refcoco_tfds".
+
+    RefCOCO-style sources yield one example per object (``unit="object"``) whose sentence the transform draws
+    at random, as DETRIS trains (one epoch = every object once).
+    """
+    name = data_config.get("name", "synthetic")
+    if name == "synthetic":
+        from data_pipeline.synthetic import SyntheticRefer
+
+        return SyntheticRefer(
+            int(data_config.get("num_train", 1000)), image_size=int(data_config.get("raw_size", 128)),
+            seed=int(data_config.get("seed", 0)),
+        )  # fmt: skip
+    if name == "refer":
+        from data_pipeline.refer import ReferSource
+
+        return ReferSource(data_config.data_root, data_config.dataset, data_config.split_by, "train", unit="object")
+    if name == "refcoco_tfds":
+        from data_pipeline.refcoco import RefCocoTfdsSource
+
+        return RefCocoTfdsSource(data_config.tfds_config, "train", data_config.get("data_dir"), unit="object")
+    raise ValueError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
+
+
+def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np.random.Generator], dict]:
+    """DETRIS training preprocessing (letterbox, CLIP normalisation, tokenisation, soft mask) from config.data."""
+    from data_pipeline.preprocess import preprocess_train
+
+    kwargs = dict(
+        image_size=int(data_config.image_size),
+        word_len=int(data_config.word_len),
+        mask_size=int(data_config.mask_size),
+    )
+    return lambda example, rng: preprocess_train(example, rng=rng, **kwargs)
