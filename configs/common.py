@@ -1,0 +1,113 @@
+"""Shared pieces of the WIMFRIS configs (big_vision style: Python files returning an ml_collections ConfigDict).
+
+``config.model`` keys (read by :func:`wimfris_jax.model.build_model`):
+  image_size, word_len          448 and 17 (22 for G-Ref UMD)
+  text                          ClipText fields (CLIP ViT-B/16 text tower)
+  vision                        DinoV2 fields, or {"preset": "b14_reg4"} (+ field overrides)
+  neck_taps                     0-based DINOv2 blocks tapped (pre-norm) for the neck: DETRIS's (4, 8) / (8, 16)
+  use_mta, mta_layers, mta_scale, mta    MTA switch (Table 3b), layers (Table 5), fixed scale 0.2, sizes
+  use_msa, msa_layers, msa      MSA switch, layers, sizes; msa.emphasis = EP (Table 3b), msa.kernels (Table 4)
+  mamba                         Mamba sizes shared by MTA and WMF (d_state, d_conv, expand, scan_impl)
+  neck                          kind "hmf" | "aggregate" | "none" | "detris" (Table 1), dim C, window
+                                (2, 4, 8, 16; None or 0 = one window over the map, Table 3a), wmf (gate_heads)
+  decoder                       DETRIS decoder sizes
+  loss_weights                  (lambda_con, lambda_dice, lambda_align) = (0.5, 0.3, 0.2), eq. (10)
+
+Hidden sizes (the paper gives only the trainable counts, Table 3b: MSA 0.8M, MTA 2.2M for WIMFRIS-B): MTA
+d = 168 and MSA d = 48 (4 heads); ``python -m wimfris_jax.summary --config configs/wimfris_b.py`` prints the
+resulting counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+TRAINABLE = (r"^(?!text_encoder/|image_encoder/)",)  # everything but the two frozen backbones
+
+CLIP_B16_TEXT = dict(vocab_size=49408, width=512, depth=12, num_heads=8, context_length=77, proj_dim=512)
+
+
+def model_config(
+    *,
+    vision: dict[str, Any],
+    text: dict[str, Any] | None = None,
+    image_size: int = 448,
+    word_len: int = 17,
+    neck_taps: tuple[int, ...] = (4, 8),
+    mta_layers: tuple[int, ...] = (1, 3, 5, 7, 9, 11),
+    msa_layers: tuple[int, ...] = (1, 3, 5, 7, 9, 11),
+    mta_dim: int = 168,
+    msa_dim: int = 48,
+    msa_heads: int = 4,
+    dim: int = 512,
+    decoder_layers: int = 3,
+    decoder_heads: int = 8,
+    window: Any = 4,
+    gate_heads: int = 8,
+) -> ml_collections.ConfigDict:
+    """config.model with the paper's defaults (WIMFRIS-B sizes unless overridden)."""
+    return ml_collections.ConfigDict(
+        dict(
+            image_size=image_size,
+            word_len=word_len,
+            text=dict(text or CLIP_B16_TEXT),
+            vision=dict(vision),
+            neck_taps=tuple(neck_taps),
+            use_mta=True,
+            mta_layers=tuple(mta_layers),
+            mta_scale=0.2,
+            mta=dict(dim=mta_dim, zero_init_up=False),
+            use_msa=True,
+            msa_layers=tuple(msa_layers),
+            msa=dict(dim=msa_dim, num_heads=msa_heads, kernels=(3, 5, 7), emphasis=True, alpha0=0.2, dropout=0.1),
+            mamba=dict(d_state=16, d_conv=4, expand=2, scan_impl=ml_collections.FieldReference(None, field_type=str)),
+            neck=dict(kind="hmf", dim=dim, window=window, wmf=dict(gate_heads=gate_heads)),
+            decoder=dict(num_layers=decoder_layers, d_model=dim, num_heads=decoder_heads, dim_ffn=dim, dropout=0.1),
+            loss_weights=(0.5, 0.3, 0.2),
+        )
+    )
+
+
+def data_config(
+    *, name: str = "refcoco_tfds", image_size: int = 448, word_len: int = 17, patch_size: int = 14, **kw: Any
+) -> ml_collections.ConfigDict:
+    """config.data; mask_size = 4 * image_size / patch_size (the projector's output size)."""
+    base = dict(
+        name=name,
+        dataset="refcoco",  # refcoco | refcoco+ | refcocog
+        split_by="unc",  # refer layout: unc (RefCOCO, RefCOCO+), umd / google (G-Ref)
+        tfds_config="refcoco_unc",
+        data_dir=ml_collections.FieldReference(None, field_type=str),
+        data_root="data/refer",
+        eval_split="val",
+        image_size=image_size,
+        word_len=word_len,
+        mask_size=4 * (image_size // patch_size),
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def train_config(*, global_batch_size: int, lr: float, epochs: int = 50, **kw: Any) -> ml_collections.ConfigDict:
+    """config.train: Adam, step decay x lr_decay at lr_milestones (epochs), trainable = all but the backbones."""
+    base = dict(
+        global_batch_size=global_batch_size,
+        epochs=epochs,
+        lr=lr,
+        lr_milestones=(35,),
+        lr_decay=0.1,
+        trainable=TRAINABLE,
+        compute_dtype="float32",
+        fsdp=False,
+        log_every=50,
+        ckpt_every=2000,
+        keep_last=2,
+        eval_every_epochs=1,
+        eval_every=0,
+        best_metric="mIoU",
+        resume=False,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)

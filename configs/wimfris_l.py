@@ -1,0 +1,26 @@
+r"""WIMFRIS-L: CLIP ViT-B/16 text tower + DINOv2-L/14 (4 registers), 448x448, RefCOCO (WIMFRIS Sec. 3.2).
+
+Same as WIMFRIS-B except: DINOv2-L/14 (24 layers, width 1024), MSA at layers 2,6,10,14,18,22, neck taps at
+blocks 8 and 16 (DETRIS's L config), Adam 2e-4, batch 64.
+
+Run::
+
+    wimfris train --config configs/wimfris_l.py --workdir runs/wimfris_l \
+        --config.data.dataset=refcoco
+
+Expected (paper, Table 2, mIoU): RefCOCO val 78.2 / testA 79.7 / testB 76.3; RefCOCO+ 71.9 / 76.2 / 67.2;
+G-Ref val(u) 70.4, test(u) 71.0, val(g) 69.3.
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = common.model_config(
+        vision=dict(preset="l14_reg4"), neck_taps=(8, 16), msa_layers=(2, 6, 10, 14, 18, 22)
+    )
+    config.data = common.data_config(name="refcoco_tfds", image_size=448, word_len=17, patch_size=14)
+    config.train = common.train_config(global_batch_size=64, lr=2e-4)
+    return config

@@ -1,0 +1,115 @@
+"""Hierarchical Mamba Fusion (HMF) neck, WIMFRIS Section 2.3 and Fig. 3a, and the neck ablations (Table 1).
+
+Feature aggregation: three DINOv2 maps f_v^1..3 (B, h, w, Cv) -- two intermediate blocks' outputs (pre-norm)
+and the last block's output after the final norm, prefix tokens dropped (DETRIS's taps: blocks 4 and 8 for
+B, 8 and 16 for L, 0-based; see ``neck_taps`` in configs/) -- are concatenated along channels and projected by
+a 1x1 convolution to f_v^c (B, h, w, C), C = 512. Decision: the 1x1 convolution is DETRIS's ``conv_layer``
+(conv without bias + BatchNorm + ReLU), the building block of the DETRIS neck WIMFRIS replaces: the
+pre-norm intermediate maps and the post-norm last map have very different scales, and the BatchNorm
+equalises them per output channel. Then the Window Mamba Fuser (:mod:`wimfris_jax.neck.wmf`).
+
+Every neck maps ``(maps: 3 x (B, h, w, Cv), state: (B, C), train) -> (out (B, h, w, C), window_logits)``,
+window_logits (B, n_win) or None:
+- "hmf": aggregation + WMF (window_logits unless the window is the whole map, where eq. (9)'s target is
+  trivially "present"),
+- "aggregate": aggregation only (HMF without WMF),
+- "none": no neck (Table 1 "X"): the last map alone through conv 1x1 + BN + ReLU to C (a width change the
+  decoder needs),
+- "detris": the DETRIS neck (Table 1), built for project issue 7 in ``wimfris_jax/neck/detris.py`` as
+  ``DetrisNeck(**neck_kwargs)`` with the same call signature; until that file exists it raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from wimfris_jax.neck.wmf import WindowMambaFuser, normalize_window
+
+NECKS = ("hmf", "aggregate", "none", "detris")
+
+
+class ConvBNReLU(nn.Module):
+    """1x1 conv (no bias) + BatchNorm + ReLU: (B, h, w, Cin) -> (B, h, w, features). DETRIS's conv_layer."""
+
+    features: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,  # PyTorch momentum 0.1
+            epsilon=1e-5,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            name="bn",
+        )(x)
+        return nn.relu(x)
+
+
+class HMF(nn.Module):
+    """Hierarchical Mamba Fusion: aggregation (concat + 1x1 conv/BN/ReLU) then the Window Mamba Fuser.
+
+    Attributes:
+      dim: output width C (512 = the decoder's width; must equal the sentence feature's width).
+      use_wmf: False gives the "aggregate" ablation.
+      wmf: keyword arguments of :class:`WindowMambaFuser` (window, gate_heads, d_state, ...).
+      dtype: computation dtype.
+    """
+
+    dim: int = 512
+    use_wmf: bool = True
+    wmf: Any = None
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(
+        self, maps: Sequence[jnp.ndarray], state: jnp.ndarray, *, train: bool
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """maps: 3 x (B, h, w, Cv); state: (B, C) -> (B, h, w, C), window_logits (B, n_win) or None."""
+        shapes = {m.shape[:3] for m in maps}
+        if len(shapes) != 1:
+            raise ValueError(f"HMF: feature maps differ in (B, h, w): {[m.shape for m in maps]}")
+        x = ConvBNReLU(self.dim, dtype=self.dtype, name="aggregate")(jnp.concatenate(maps, axis=-1), train=train)
+        if not self.use_wmf:
+            return x, None
+        kw = dict(self.wmf or {})
+        out, logits = WindowMambaFuser(dtype=self.dtype, name="wmf", **kw)(x, state)
+        return out, (None if normalize_window(kw.get("window", 4)) is None else logits)
+
+
+class NoNeck(nn.Module):
+    """Table 1's "no neck": the last (post-norm) map through 1x1 conv + BN + ReLU to ``dim``."""
+
+    dim: int = 512
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, maps: Sequence[jnp.ndarray], state: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, None]:
+        return ConvBNReLU(self.dim, dtype=self.dtype, name="proj")(maps[-1], train=train), None
+
+
+def build_neck(kind: str, *, dim: int, wmf: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
+    """The neck module for ``kind`` in :data:`NECKS` (unbound; the model names it "neck")."""
+    if kind == "hmf":
+        return HMF(dim=dim, use_wmf=True, wmf=wmf, dtype=dtype)
+    if kind == "aggregate":
+        return HMF(dim=dim, use_wmf=False, dtype=dtype)
+    if kind == "none":
+        return NoNeck(dim=dim, dtype=dtype)
+    if kind == "detris":
+        if importlib.util.find_spec("wimfris_jax.neck.detris") is None:
+            raise NotImplementedError(
+                "neck 'detris' (the DETRIS neck ablation, Table 1) is not implemented yet: project issue 7 adds "
+                "wimfris_jax/neck/detris.py with DetrisNeck(dim, dtype, ...)(maps, state, train=) -> (out, None)"
+            )
+        from wimfris_jax.neck.detris import DetrisNeck
+
+        return DetrisNeck(dim=dim, dtype=dtype, **kwargs)
+    raise ValueError(f"unknown neck {kind!r}; choose one of {NECKS}")

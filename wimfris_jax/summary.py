@@ -1,0 +1,106 @@
+"""Parameter counts of a WIMFRIS config, per group, without allocating the model (``jax.eval_shape``).
+
+    python -m wimfris_jax.summary --config configs/wimfris_b.py
+
+Groups: frozen text backbone ("text_encoder"), frozen vision backbone ("image_encoder"), MTA ("mta_*"),
+MSA ("msa_*"), neck, decoder, projector; then the trainable total (``config.train.trainable`` patterns),
+the PET total (MTA + MSA, the paper's "Params" of Table 3b) and the total. Compare with Table 3b
+(WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wimfris_jax.io import flatten
+from wimfris_jax.train.freeze import path_selected
+
+GROUPS = (
+    ("text backbone (frozen)", "text_encoder"),
+    ("vision backbone (frozen)", "image_encoder"),
+    ("MTA", "mta_"),
+    ("MSA", "msa_"),
+    ("neck", "neck"),
+    ("decoder", "decoder"),
+    ("projector", "projector"),
+)
+
+
+def load_config(path: str) -> Any:
+    """``get_config()`` of a config file (its repository root is put on sys.path for ``from configs import``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"_wimfris_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {path!r} defines no get_config()")
+    return module.get_config()
+
+
+def abstract_params(model_config: Any) -> dict[str, Any]:
+    """The model's params as ShapeDtypeStructs (nothing allocated), for a batch of one."""
+    from wimfris_jax.model import build_model
+
+    model = build_model(model_config)
+    s, n = int(model_config.image_size), int(model_config.word_len)
+    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+
+    def init(rng: jax.Array) -> Any:
+        return model.init(
+            {"params": rng, "dropout": rng}, jnp.zeros(images.shape), jnp.zeros(ids.shape, jnp.int32), train=False
+        )
+
+    return dict(jax.eval_shape(init, jax.random.PRNGKey(0))["params"])
+
+
+def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[str, int]:
+    """Counts per group of :data:`GROUPS`, plus "PET (MTA + MSA)", "trainable" and "total"."""
+    flat = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
+    counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in GROUPS}
+    counts["PET (MTA + MSA)"] = counts["MTA"] + counts["MSA"]
+    counts["trainable"] = sum(n for k, n in flat.items() if path_selected(k, trainable))
+    counts["total"] = sum(flat.values())
+    return counts
+
+
+def format_table(counts: Mapping[str, int]) -> str:
+    lines = [f"{'group':<28}{'parameters':>14}{'millions':>10}", "-" * 52]
+    for name, n in counts.items():
+        if name in ("PET (MTA + MSA)", "trainable"):
+            lines.append("-" * 52)
+        lines.append(f"{name:<28}{n:>14,}{n / 1e6:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a config file, e.g. configs/wimfris_b.py")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    m = config.model
+    counts = count_params(abstract_params(m), tuple(config.train.trainable))
+    print(f"{args.config}: image {m.image_size}, words {m.word_len}, vision {dict(m.vision)}")
+    print(
+        f"MTA d={m.mta.dim} at {tuple(m.mta_layers) if m.use_mta else 'off'}; MSA d={m.msa.dim} "
+        f"({m.msa.num_heads} heads, kernels {tuple(m.msa.kernels)}) at {tuple(m.msa_layers) if m.use_msa else 'off'}; "
+        f"neck {m.neck.kind}, C={m.neck.dim}, window {m.neck.window}"
+    )
+    print(format_table(counts))
+
+
+if __name__ == "__main__":
+    main()
