@@ -1,0 +1,229 @@
+"""CLIP checkpoints (text tower only) -> :class:`wimfris_jax.backbones.ClipText` params.
+
+Layouts (detected from the key names; a common prefix such as DETRIS's ``txt_backbone.`` is found and kept):
+
+- "openai": OpenAI ``clip/model.py`` names, from ``ViT-B-16.pt`` (a TorchScript archive) or a plain state dict:
+  ``token_embedding.weight``, ``positional_embedding`` (77, W), ``transformer.resblocks.{i}.{ln_1, attn.in_proj_weight,
+  attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_final``, ``text_projection`` (W, P) (used as
+  ``x @ P``, so copied as is). ``visual.*``, ``logit_scale`` and the archive's ``input_resolution`` /
+  ``context_length`` / ``vocab_size`` are dropped.
+- "hf": transformers ``CLIPTextModel`` (v5 in-memory names have no ``text_model.`` prefix, v4 files have it),
+  ``CLIPTextModelWithProjection`` and ``CLIPModel`` (``text_model.*`` + ``text_projection.weight``, transposed;
+  ``vision_model.*``, ``visual_projection``, ``logit_scale`` dropped).
+
+Sizes come from the shapes; the head count comes from a ``config.json`` beside the weights, else ``num_heads``,
+else CLIP's head size 64 (width // 64). ``proj_dim`` is None when the checkpoint has no text projection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from port_weights.common import (
+    ConversionError,
+    Rule,
+    convert,
+    heads_in,
+    heads_out,
+    linear,
+    load_torch_checkpoint,
+    split_in_proj,
+)
+from port_weights.dinov2 import read_hf_config
+
+LAYOUTS = ("openai", "hf")
+_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
+
+
+def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout: str = "openai") -> list[Rule]:
+    """Rules mapping CLIP text keys under ``src_prefix`` onto :class:`ClipText` params under ``dst_prefix``.
+
+    Args:
+      src_prefix: literal prefix of the keys, e.g. ``"txt_backbone."`` in a DETRIS checkpoint.
+      dst_prefix: '/'-path of the ClipText module in the Flax tree, e.g. ``"params/text_encoder"`` ("" at the root).
+      num_heads: attention heads (needed to split projections per head).
+      layout: "openai" or "hf" (hf: the tower's keys with or without ``text_model.``).
+    """
+    s, h = re.escape(src_prefix), num_heads
+    d = f"{dst_prefix.strip('/')}/" if dst_prefix.strip("/") else ""
+    if layout == "openai":
+        blk = s + r"transformer\.resblocks\.(\d+)\."
+        b = d + r"blocks_\1/"
+        return [
+            Rule(s + r"token_embedding\.weight", d + "token_embedding/embedding"),
+            Rule(s + "positional_embedding", d + "positional_embedding"),
+            Rule(s + "text_projection", d + "text_projection"),
+            Rule(blk + r"(ln_1|ln_2)\.weight", b + r"\2/scale"),
+            Rule(blk + r"(ln_1|ln_2)\.bias", b + r"\2/bias"),
+            Rule(blk + r"attn\.in_proj_(weight|bias)", b + "attn", split_in_proj(h)),
+            Rule(blk + r"attn\.out_proj\.weight", b + "attn/out/kernel", heads_out(h)),
+            Rule(blk + r"attn\.out_proj\.bias", b + "attn/out/bias"),
+            Rule(blk + r"mlp\.c_fc\.weight", b + "mlp/fc1/kernel", linear),
+            Rule(blk + r"mlp\.c_fc\.bias", b + "mlp/fc1/bias"),
+            Rule(blk + r"mlp\.c_proj\.weight", b + "mlp/fc2/kernel", linear),
+            Rule(blk + r"mlp\.c_proj\.bias", b + "mlp/fc2/bias"),
+            Rule(s + r"ln_final\.weight", d + "ln_final/scale"),
+            Rule(s + r"ln_final\.bias", d + "ln_final/bias"),
+        ]
+    if layout != "hf":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    e = s + r"(?:text_model\.)?"
+    lay = e + r"encoder\.layers\.(\d+)\."
+    b = d + r"blocks_\1/"
+    out = [
+        Rule(e + r"embeddings\.token_embedding\.weight", d + "token_embedding/embedding"),
+        Rule(e + r"embeddings\.position_embedding\.weight", d + "positional_embedding"),
+        Rule(s + r"text_projection\.weight", d + "text_projection", linear),
+        Rule(lay + r"layer_norm(1|2)\.weight", b + r"ln_\2/scale"),
+        Rule(lay + r"layer_norm(1|2)\.bias", b + r"ln_\2/bias"),
+        Rule(lay + r"self_attn\.out_proj\.weight", b + "attn/out/kernel", heads_out(h)),
+        Rule(lay + r"self_attn\.out_proj\.bias", b + "attn/out/bias"),
+        Rule(lay + r"mlp\.(fc1|fc2)\.weight", b + r"mlp/\2/kernel", linear),
+        Rule(lay + r"mlp\.(fc1|fc2)\.bias", b + r"mlp/\2/bias"),
+        Rule(e + r"final_layer_norm\.weight", d + "ln_final/scale"),
+        Rule(e + r"final_layer_norm\.bias", d + "ln_final/bias"),
+    ]
+    for short, long in _QKV:
+        qkv = lay + rf"self_attn\.{short}_proj\."
+        out += [
+            Rule(qkv + "weight", b + f"attn/{long}/kernel", heads_in(h)),
+            Rule(qkv + "bias", b + f"attn/{long}/bias", heads_in(h)),
+        ]
+    return out
+
+
+def ignore_patterns(src_prefix: str = "", layout: str = "openai") -> list[str]:
+    """Source keys dropped on purpose: the vision tower, the logit scale and non-weight entries."""
+    s = re.escape(src_prefix)
+    if layout == "openai":
+        return [s + r"visual\..*", s + "logit_scale", s + "(input_resolution|context_length|vocab_size)"]
+    return [
+        s + r"vision_model\..*",
+        s + r"visual_projection\.weight",
+        s + "logit_scale",
+        s + r"(?:text_model\.)?embeddings\.position_ids",
+    ]
+
+
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, str]:
+    """(layout, key prefix) of the CLIP text weights in ``state_dict``."""
+    found = []
+    for k in state_dict:
+        if k.endswith("embeddings.token_embedding.weight"):
+            p = k[: -len("embeddings.token_embedding.weight")]
+            found.append(("hf", p[: -len("text_model.")] if p.endswith("text_model.") else p))
+        elif k == "token_embedding.weight" or k.endswith(".token_embedding.weight"):
+            found.append(("openai", k[: -len("token_embedding.weight")]))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
+        raise ConversionError(
+            f"{source}: found {what} CLIP token embedding(s) ('token_embedding.weight' of OpenAI CLIP or "
+            "'embeddings.token_embedding.weight' of transformers); cannot tell which weights to convert"
+        )
+    return found[0]
+
+
+def infer_config(
+    state_dict: Mapping[str, np.ndarray],
+    prefix: str = "",
+    layout: str = "openai",
+    num_heads: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    source: str = "checkpoint",
+) -> dict[str, Any]:
+    """The :class:`ClipText` fields that fit the weights under ``prefix``."""
+    hf_config = dict(hf_config or {})
+    if layout == "openai":
+        tower = prefix
+        tok, pos, fc1, proj = "token_embedding.weight", "positional_embedding", "mlp.c_fc.weight", "text_projection"
+        blk = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    else:
+        tower = (
+            prefix + "text_model." if prefix + "text_model.embeddings.token_embedding.weight" in state_dict else prefix
+        )
+        tok, pos, fc1 = "embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "mlp.fc1.weight"
+        proj = None
+        blk = re.compile(re.escape(tower) + r"encoder\.layers\.(\d+)\.")
+    missing = [tower + k for k in (tok, pos) if tower + k not in state_dict]
+    if missing:
+        raise ConversionError(f"{source}: cannot size the CLIP text tower, missing key(s) {missing}")
+    vocab, width = np.shape(state_dict[tower + tok])
+    layers = {int(m.group(1)) for k in state_dict if (m := blk.match(k))}
+    if not layers or layers != set(range(len(layers))):
+        raise ConversionError(f"{source}: CLIP text blocks must be numbered 0..n-1, found {sorted(layers)}")
+    hidden = next((np.shape(v)[0] for k, v in state_dict.items() if blk.match(k) and k.endswith(fc1)), None)
+    if hidden is None:
+        raise ConversionError(f"{source}: no MLP weight ({fc1}) found in the CLIP text blocks")
+    if layout == "openai":
+        proj_dim = np.shape(state_dict[prefix + proj])[1] if prefix + proj in state_dict else None
+    else:
+        key = prefix + "text_projection.weight"
+        proj_dim = np.shape(state_dict[key])[0] if key in state_dict else None
+    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
+    if width % heads:
+        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
+    act = hf_config.get("hidden_act", "quick_gelu")
+    if act != "quick_gelu":
+        raise ConversionError(f"{source}: config.json hidden_act={act!r}; ClipText implements QuickGELU only")
+    return dict(
+        vocab_size=int(vocab),
+        width=int(width),
+        depth=len(layers),
+        num_heads=heads,
+        context_length=int(np.shape(state_dict[tower + pos])[0]),
+        proj_dim=None if proj_dim is None else int(proj_dim),
+        ln_eps=float(hf_config.get("layer_norm_eps", 1e-5)),
+        mlp_ratio=float(hidden / width),
+    )
+
+
+def expected_params(config: Mapping[str, Any]) -> dict:
+    """Shapes of the params of ``ClipText(**config)`` (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from wimfris_jax.backbones.clip_text import ClipText
+
+    ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return jax.eval_shape(ClipText(**config).init, jax.random.key(0), ids)["params"]
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    source: str = "checkpoint",
+    num_heads: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> tuple[dict, dict]:
+    """CLIP weights in any supported layout -> (ClipText params, meta).
+
+    Keys outside the detected prefix (the rest of a DETRIS model) and DETRIS's ``resblocks.{i}.adapter.*`` are
+    skipped and counted in ``meta["skipped"]``.
+    """
+    layout, prefix = detect_layout(state_dict, source)
+    config = infer_config(state_dict, prefix, layout, num_heads, hf_config, source)
+    adapter = re.compile(re.escape(prefix) + r"transformer\.resblocks\.\d+\.adapter\.")
+    own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
+    ignore = ignore_patterns(prefix, layout)
+    table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
+    params = convert(own, table, expected_params(config), ignore=ignore, source=source)
+    meta = {
+        "family": "clip",
+        "layout": layout,
+        "prefix": prefix,
+        "config": config,
+        "dropped": sorted(k for k in own if any(re.fullmatch(p, k) for p in ignore)),
+        "skipped": len(state_dict) - len(own),
+    }
+    return params, meta
+
+
+def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
+    """Reads a CLIP checkpoint (OpenAI .pt / TorchScript, HF folder / .safetensors / .bin, DETRIS .pth) ->
+    (params, meta); ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.ClipText` fields."""
+    cfg = read_hf_config(src)
+    cfg = cfg.get("text_config", cfg) if str(cfg.get("model_type", "")).startswith("clip") else {}
+    return convert_state_dict(load_torch_checkpoint(src), src, num_heads, cfg)

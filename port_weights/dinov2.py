@@ -1,0 +1,289 @@
+"""DINOv2 checkpoints -> :class:`wimfris_jax.backbones.DinoV2` params.
+
+Layouts (detected from the key names; a common prefix such as DETRIS's ``dinov2.`` is found and kept):
+
+- "torchhub": facebookresearch/dinov2 ``.pth`` files (``dinov2_vitb14_reg4_pretrain.pth``) and DETRIS's ``dinov2.*``:
+  ``cls_token``, ``pos_embed``, ``register_tokens``, ``mask_token``, ``patch_embed.proj``,
+  ``blocks.{i}.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2 | mlp.w12, mlp.w3, ls2.gamma}``
+  (``blocks.{chunk}.{i}`` when saved with block chunks), ``norm``. Position resampling rule "torchhub".
+- "hf-v4" / "hf-v5": transformers ``Dinov2Model`` (rule "hf") and ``Dinov2WithRegistersModel`` (rule
+  "hf_antialias", recognised by ``embeddings.register_tokens``), in the names ``save_pretrained`` writes
+  (``attention.attention.{query,key,value}``, ``attention.output.dense``, ``mlp.weights_in/out``) or the in-memory
+  names of transformers 5 (``attention.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``).
+
+The position table is stored as trained (1, 1 + M*M, C), and ``meta["config"]["interpolation"]`` records the
+source's resampling rule, so the converted model resamples exactly as its source for any input size.
+``mask_token`` (used only for masked-image pretraining) is dropped. Sizes come from the shapes; the head count,
+which no shape shows, comes from a ``config.json`` beside the weights, else from ``num_heads``, else from DINOv2's
+head size 64 (width // 64).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from port_weights.common import (
+    ConversionError,
+    Rule,
+    conv2d,
+    convert,
+    heads_in,
+    heads_out,
+    linear,
+    load_torch_checkpoint,
+    split_in_proj,
+)
+
+LAYOUTS = ("torchhub", "hf")
+_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
+
+
+def _dst(dst_prefix: str) -> str:
+    d = dst_prefix.strip("/")
+    return f"{d}/" if d else ""
+
+
+def split_gate_up(x: np.ndarray) -> dict[str, np.ndarray]:
+    """A fused SwiGLU input projection (2H, C) weight / (2H,) bias -> ``{"gate|up/kernel|bias"}`` (gate first)."""
+    leaf = "bias" if x.ndim == 1 else "kernel"
+    gate, up = np.split(x, 2)
+    f = (lambda a: a) if x.ndim == 1 else linear
+    return {f"gate/{leaf}": f(gate), f"up/{leaf}": f(up)}
+
+
+def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout: str = "torchhub") -> list[Rule]:
+    """Rules mapping DINOv2 keys under ``src_prefix`` onto :class:`DinoV2` params under ``dst_prefix``.
+
+    Args:
+      src_prefix: literal prefix of the keys, e.g. ``"dinov2."`` in a DETRIS checkpoint.
+      dst_prefix: '/'-path of the DinoV2 module in the Flax tree, e.g. ``"params/image_encoder"`` ("" at the root).
+      num_heads: attention heads (needed to split projections per head).
+      layout: "torchhub" or "hf" (the hf rules accept both the v4 and the v5 names).
+    """
+    s, d, h = re.escape(src_prefix), _dst(dst_prefix), num_heads
+    if layout == "torchhub":
+        blk = s + r"blocks\.(?:\d+\.)?(\d+)\."
+        b = d + r"blocks_\1/"
+        return [
+            Rule(s + "(cls_token|pos_embed|register_tokens)", d + r"\1"),
+            Rule(s + r"patch_embed\.proj\.weight", d + "patch_embed/kernel", conv2d),
+            Rule(s + r"patch_embed\.proj\.bias", d + "patch_embed/bias"),
+            Rule(blk + r"(norm1|norm2)\.weight", b + r"\2/scale"),
+            Rule(blk + r"(norm1|norm2)\.bias", b + r"\2/bias"),
+            Rule(blk + r"attn\.qkv\.(weight|bias)", b + "attn", split_in_proj(h)),
+            Rule(blk + r"attn\.proj\.weight", b + "attn/out/kernel", heads_out(h)),
+            Rule(blk + r"attn\.proj\.bias", b + "attn/out/bias"),
+            Rule(blk + r"(ls1|ls2)\.gamma", b + r"\2"),
+            Rule(blk + r"mlp\.(fc1|fc2)\.weight", b + r"mlp/\2/kernel", linear),
+            Rule(blk + r"mlp\.(fc1|fc2)\.bias", b + r"mlp/\2/bias"),
+            Rule(blk + r"mlp\.w12\.(weight|bias)", b + "mlp", split_gate_up),
+            Rule(blk + r"mlp\.w3\.weight", b + "mlp/down/kernel", linear),
+            Rule(blk + r"mlp\.w3\.bias", b + "mlp/down/bias"),
+            Rule(s + r"norm\.weight", d + "norm/scale"),
+            Rule(s + r"norm\.bias", d + "norm/bias"),
+        ]
+    if layout != "hf":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    e = s + r"embeddings\."
+    lay = s + r"encoder\.layer\.(\d+)\."
+    b = d + r"blocks_\1/"
+    out = [
+        Rule(e + "cls_token", d + "cls_token"),
+        Rule(e + "position_embeddings", d + "pos_embed"),
+        Rule(e + "register_tokens", d + "register_tokens"),
+        Rule(e + r"patch_embeddings\.projection\.weight", d + "patch_embed/kernel", conv2d),
+        Rule(e + r"patch_embeddings\.projection\.bias", d + "patch_embed/bias"),
+        Rule(lay + r"(norm1|norm2)\.weight", b + r"\2/scale"),
+        Rule(lay + r"(norm1|norm2)\.bias", b + r"\2/bias"),
+        Rule(lay + r"attention\.(?:output\.dense|o_proj)\.weight", b + "attn/out/kernel", heads_out(h)),
+        Rule(lay + r"attention\.(?:output\.dense|o_proj)\.bias", b + "attn/out/bias"),
+        Rule(lay + r"layer_scale(1|2)\.lambda1", b + r"ls\2"),
+        Rule(lay + r"mlp\.(fc1|fc2)\.weight", b + r"mlp/\2/kernel", linear),
+        Rule(lay + r"mlp\.(fc1|fc2)\.bias", b + r"mlp/\2/bias"),
+        Rule(lay + r"mlp\.weights_in\.(weight|bias)", b + "mlp", split_gate_up),
+        Rule(lay + r"mlp\.(?:weights_out|down_proj)\.weight", b + "mlp/down/kernel", linear),
+        Rule(lay + r"mlp\.(?:weights_out|down_proj)\.bias", b + "mlp/down/bias"),
+        Rule(lay + r"mlp\.(gate|up)_proj\.weight", b + r"mlp/\2/kernel", linear),
+        Rule(lay + r"mlp\.(gate|up)_proj\.bias", b + r"mlp/\2/bias"),
+        Rule(s + r"layernorm\.weight", d + "norm/scale"),
+        Rule(s + r"layernorm\.bias", d + "norm/bias"),
+    ]
+    for short, long in _QKV:
+        qkv = lay + rf"attention\.(?:attention\.{long}|{short}_proj)\."
+        out += [
+            Rule(qkv + "weight", b + f"attn/{long}/kernel", heads_in(h)),
+            Rule(qkv + "bias", b + f"attn/{long}/bias", heads_in(h)),
+        ]
+    return out
+
+
+def ignore_patterns(src_prefix: str = "", layout: str = "torchhub") -> list[str]:
+    """Source keys dropped on purpose: the mask token (masked-image pretraining only)."""
+    s = re.escape(src_prefix)
+    return [s + ("mask_token" if layout == "torchhub" else r"embeddings\.mask_token")]
+
+
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, str]:
+    """(layout, key prefix) of the DINOv2 weights in ``state_dict``."""
+    found = []
+    for k in state_dict:
+        if k.endswith("embeddings.position_embeddings"):
+            found.append(("hf", k[: -len("embeddings.position_embeddings")]))
+        elif k == "pos_embed" or k.endswith(".pos_embed"):
+            found.append(("torchhub", k[: -len("pos_embed")]))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
+        raise ConversionError(
+            f"{source}: found {what} DINOv2 position table(s) ('pos_embed' of torch-hub or "
+            "'embeddings.position_embeddings' of transformers); cannot tell which weights to convert"
+        )
+    return found[0]
+
+
+def read_hf_config(src: str, section: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face folder ``src`` (or beside the file ``src``), its ``section``
+    (e.g. "text_config") when present; {} when there is none."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        cfg = json.load(f)
+    return dict(cfg.get(section, cfg)) if section else cfg
+
+
+def infer_config(
+    state_dict: Mapping[str, np.ndarray],
+    prefix: str = "",
+    layout: str = "torchhub",
+    num_heads: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    source: str = "checkpoint",
+) -> dict[str, Any]:
+    """The :class:`DinoV2` fields that fit the weights under ``prefix``."""
+    hf_config = dict(hf_config or {})
+    th = layout == "torchhub"
+    names = {
+        "cls": "cls_token" if th else "embeddings.cls_token",
+        "pos": "pos_embed" if th else "embeddings.position_embeddings",
+        "patch": "patch_embed.proj.weight" if th else "embeddings.patch_embeddings.projection.weight",
+        "reg": "register_tokens" if th else "embeddings.register_tokens",
+    }
+    missing = [prefix + names[k] for k in ("cls", "pos", "patch") if prefix + names[k] not in state_dict]
+    if missing:
+        raise ConversionError(f"{source}: cannot size the DINOv2 model, missing key(s) {missing}")
+    shape = {k: tuple(np.shape(state_dict[prefix + n])) for k, n in names.items() if prefix + n in state_dict}
+    width = shape["cls"][-1]
+    n_pos = shape["pos"][1] - 1
+    grid = math.isqrt(n_pos)
+    if grid * grid != n_pos or shape["patch"][-1] != shape["patch"][-2]:
+        raise ConversionError(f"{source}: position table {shape['pos']} or patch kernel {shape['patch']} not square")
+    blk = re.compile(re.escape(prefix) + (r"blocks\.(?:\d+\.)?(\d+)\." if th else r"encoder\.layer\.(\d+)\."))
+    layers = {int(m.group(1)) for k in state_dict if (m := blk.match(k))}
+    if layers != set(range(len(layers))) or not layers:
+        raise ConversionError(f"{source}: DINOv2 blocks must be numbered 0..n-1, found {sorted(layers)}")
+    hidden, ffn = None, "mlp"
+    for k, v in state_dict.items():
+        if blk.match(k) and re.search(r"mlp\.fc1\.weight$", k):
+            hidden = np.shape(v)[0]
+        elif blk.match(k) and re.search(r"mlp\.(w12|weights_in)\.weight$", k):
+            hidden, ffn = np.shape(v)[0] // 2, "swiglu"
+        elif blk.match(k) and re.search(r"mlp\.gate_proj\.weight$", k):
+            hidden, ffn = np.shape(v)[0], "swiglu"
+    if hidden is None:
+        raise ConversionError(f"{source}: no MLP weights (mlp.fc1 / mlp.w12 / mlp.weights_in / mlp.gate_proj) found")
+    mlp_ratio = _mlp_ratio(width, hidden, ffn, source)
+    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
+    if width % heads:
+        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
+    act = hf_config.get("hidden_act", "gelu")
+    if ffn == "mlp" and act != "gelu":
+        raise ConversionError(f"{source}: config.json hidden_act={act!r}; DinoV2 implements exact GELU only")
+    layerscale = any(re.search(r"(ls1\.gamma|layer_scale1\.lambda1)$", k) for k in state_dict if blk.match(k))
+    regs = shape["reg"][1] if "reg" in shape else 0
+    rule = "torchhub" if th else ("hf_antialias" if "reg" in shape else "hf")
+    return dict(
+        width=int(width),
+        depth=len(layers),
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        ffn=ffn,
+        patch_size=int(shape["patch"][-1]),
+        num_registers=int(regs),
+        pos_grid=grid,
+        layerscale=bool(layerscale),
+        ln_eps=float(hf_config.get("layer_norm_eps", 1e-6)),
+        interpolation=rule,
+    )
+
+
+def _mlp_ratio(width: int, hidden: int, ffn: str, source: str) -> float:
+    from wimfris_jax.backbones.vit import swiglu_hidden
+
+    for ratio in (4.0, hidden / width, hidden * 1.5 / width):
+        if (swiglu_hidden(width, ratio) if ffn == "swiglu" else int(width * ratio)) == hidden:
+            return float(ratio)
+    raise ConversionError(f"{source}: no mlp_ratio gives an MLP of {hidden} for width {width} ({ffn})")
+
+
+def expected_params(config: Mapping[str, Any]) -> dict:
+    """Shapes of the params of ``DinoV2(**config)`` (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from wimfris_jax.backbones.dinov2 import DinoV2
+
+    side = config["pos_grid"] * config["patch_size"]
+    x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+    return jax.eval_shape(DinoV2(**config).init, jax.random.key(0), x)["params"]
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    source: str = "checkpoint",
+    num_heads: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> tuple[dict, dict]:
+    """DINOv2 weights in any supported layout -> (DinoV2 params, meta).
+
+    Keys outside the detected prefix (e.g. a classifier head, or the rest of a DETRIS model) and DETRIS's
+    ``blocks.{i}.adapter.*`` are not DINOv2 weights: they are skipped and counted in ``meta["skipped"]``.
+    """
+    layout, prefix = detect_layout(state_dict, source)
+    config = infer_config(state_dict, prefix, layout, num_heads, hf_config, source)
+    adapter = re.compile(re.escape(prefix) + r"(blocks\.(\d+\.)?\d+|encoder\.layer\.\d+)\.adapter\.")
+    own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
+    table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
+    ignore = ignore_patterns(prefix, layout)
+    params = convert(own, table, expected_params(config), ignore=ignore, source=source)
+    if layout == "hf":
+        v5 = any(re.search(r"attention\.q_proj\.weight$", k) for k in own)
+        layout = "hf-v5" if v5 else "hf-v4"
+    meta = {
+        "family": "dinov2",
+        "layout": layout,
+        "prefix": prefix,
+        "config": config,
+        "interpolation": config["interpolation"],
+        "dropped": sorted(k for k in own if any(re.fullmatch(p, k) for p in ignore)),
+        "skipped": len(state_dict) - len(own),
+    }
+    return params, meta
+
+
+def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
+    """Reads a DINOv2 checkpoint (torch-hub .pth, HF folder / .safetensors / .bin, DETRIS .pth) -> (params, meta).
+
+    ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.DinoV2` fields, resampling rule included.
+    """
+    hf_config = read_hf_config(src)
+    if not str(hf_config.get("model_type", "")).startswith("dinov2"):
+        hf_config = {}  # no config.json, or one of another model
+    return convert_state_dict(load_torch_checkpoint(src), src, num_heads, hf_config)
