@@ -1,0 +1,1 @@
+"""Benchmarks (timings and memory; never part of the tests)."""
