@@ -15,10 +15,27 @@ both collections. ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``c
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from port_weights.common import Rule, conv1d, conv2d, conv_transpose2d, heads_out, linear, split_in_proj
+import numpy as np
+
+from port_weights.common import (
+    ConversionError,
+    Rule,
+    conv1d,
+    conv2d,
+    conv_transpose2d,
+    convert,
+    heads_out,
+    linear,
+    load_torch_checkpoint,
+    split_in_proj,
+    strip_prefix,
+)
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).
 IGNORE = [r"(module\.)?(.*\.)?num_batches_tracked"]
@@ -142,3 +159,105 @@ def neck_rules(src: str = "neck.", dst: str = "neck", num_heads: int = 8) -> lis
     rules += batchnorm_rules(rf"{s}coordconv\.0\.conv1\.1\.", f"{dst}/coordconv_0_conv1_1")
     rules += batchnorm_rules(rf"{s}coordconv\.1\.1\.", f"{dst}/coordconv_1_1")
     return rules
+
+
+# ------------------------------------------------------------------------------------------ whole model
+CONFIGS = {768: "detris_b", 1024: "detris_l"}  # DINOv2 width -> config module under configs/
+
+
+def model_rules(model_config: Any) -> list[Rule]:
+    """Every rule of a DETRIS checkpoint for the model ``build_model(model_config)`` (``config.model`` of
+    configs/detris_*.py): CLIP text tower -> ``text_encoder``, DINOv2 -> ``image_encoder``, text adapters ->
+    ``text_adapter_<i>``, Dense Aligners -> ``dense_aligner_<i>``, ``neck``, ``decoder``, ``projector``."""
+    from port_weights import clip, dinov2
+    from wimfris_jax.backbones.dinov2 import dinov2_config
+
+    vision = dict(model_config.vision)
+    preset = vision.pop("preset", None)
+    vision = {**(dinov2_config(preset) if preset else {}), **vision}
+    heads = int(model_config.decoder.num_heads)
+    return (
+        clip.rules("txt_backbone.", "params/text_encoder", num_heads=int(model_config.text.num_heads))
+        + text_adapter_rules(dst=r"text_adapter_\1")
+        + dinov2.rules("dinov2.", "params/image_encoder", num_heads=int(vision["num_heads"]))
+        + dense_aligner_rules(dst=r"dense_aligner_\1", num_heads=int(model_config.vision_adapter.num_heads))
+        + neck_rules(num_heads=int(model_config.neck.get("num_heads", 8)))
+        + decoder_rules(num_heads=heads)
+        + projector_rules()
+    )
+
+
+def model_ignore() -> list[str]:
+    """Source keys dropped on purpose: BatchNorm step counters, DINOv2's mask token (masked-image pretraining
+    only), CLIP's logit scale and vision tower."""
+    from port_weights import clip, dinov2
+
+    return IGNORE + dinov2.ignore_patterns("dinov2.") + clip.ignore_patterns("txt_backbone.")
+
+
+def expected_variables(model_config: Any) -> dict[str, Any]:
+    """Shapes of ``{"params", "batch_stats"}`` of ``build_model(model_config)`` (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from wimfris_jax.model import build_model
+
+    model = build_model(model_config)
+    s, n = int(model_config.image_size), int(model_config.word_len)
+    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    return dict(jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, train=False), images, ids))
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray], model_config: Any, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """An official-layout DETRIS state dict (``module.`` already stripped) -> ``{"params", "batch_stats"}`` of
+    ``build_model(model_config)``. Every unmapped, missing or mis-shaped key is reported in one ConversionError."""
+    return convert(state_dict, model_rules(model_config), expected_variables(model_config), model_ignore(), source)
+
+
+def load_config(name_or_path: str | Any) -> tuple[Any, str]:
+    """``(config, name)`` for a config module name under configs/ ("detris_b"), a config file path, or a ConfigDict
+    (returned as is, named "custom")."""
+    if not isinstance(name_or_path, str):
+        return name_or_path, "custom"
+    if name_or_path.endswith(".py"):
+        from wimfris_jax.summary import load_config as load_file
+
+        return load_file(name_or_path), os.path.splitext(os.path.basename(name_or_path))[0]
+    return importlib.import_module(f"configs.{name_or_path}").get_config(), name_or_path
+
+
+def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads an official DETRIS checkpoint -> ``(variables, meta)``.
+
+    ``src``: a ``.pth`` training checkpoint (``{"epoch", "state_dict", ...}``, keys with or without
+    ``module.``) or a bare state dict, read with ``weights_only=True``. ``config``: configs/detris_b.py or
+    detris_l.py by default, chosen by the DINOv2 width (768 / 1024); or a config name, path or ConfigDict.
+
+    ``variables`` is the whole ``{"params": ..., "batch_stats": ...}`` dict; ``python -m port_weights`` stores it
+    as the file's params entry, and ``meta["collections"]`` tells :func:`wimfris_jax.load_model` so.
+    """
+    from port_weights import dinov2
+
+    state_dict = strip_prefix(load_torch_checkpoint(src), "module.")
+    if config is None:
+        _, prefix = dinov2.detect_layout(state_dict, src)
+        width = int(dinov2.infer_config(state_dict, prefix, "torchhub", source=src)["width"])
+        if width not in CONFIGS:
+            raise ConversionError(f"{src}: DINOv2 width {width}; DETRIS checkpoints have {sorted(CONFIGS)}")
+        config = CONFIGS[width]
+    cfg, name = load_config(config)
+    variables = convert_state_dict(state_dict, cfg.model, source=src)
+    vision = dict(cfg.model.vision)
+    meta = {
+        "family": "detris",
+        "collections": ["params", "batch_stats"],
+        "config": name,
+        "interpolation": vision.get("interpolation", "torchhub"),
+        "vision": vision,
+        "text": dict(cfg.model.text),
+        "dropped": sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in model_ignore())),
+    }
+    return variables, meta

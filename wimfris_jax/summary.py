@@ -4,8 +4,9 @@
 
 Groups: frozen text backbone ("text_encoder"), frozen vision backbone ("image_encoder"), MTA ("mta_*"),
 MSA ("msa_*"), neck, decoder, projector; then the trainable total (``config.train.trainable`` patterns),
-the PET total (MTA + MSA, the paper's "Params" of Table 3b) and the total. Compare with Table 3b
-(WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together).
+the PET total (MTA + MSA, the paper's "Params" of Table 3b) and the total. DETRIS configs show the text
+adapter (D-MoC) and Dense Aligner groups instead of MTA / MSA, and the total as in the official checkpoint.
+Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ GROUPS = (
     ("vision backbone (frozen)", "image_encoder"),
     ("MTA", "mta_"),
     ("MSA", "msa_"),
+    ("text adapter (D-MoC)", "text_adapter_"),
+    ("Dense Aligner", "dense_aligner_"),
     ("neck", "neck"),
     ("decoder", "decoder"),
     ("projector", "projector"),
@@ -68,19 +71,38 @@ def abstract_params(model_config: Any) -> dict[str, Any]:
 
 
 def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[str, int]:
-    """Counts per group of :data:`GROUPS`, plus "PET (MTA + MSA)", "trainable" and "total"."""
+    """Counts per group of :data:`GROUPS` (groups the model lacks are left out), plus "PET (adapters)" (the
+    backbone adapters, Table 3b's "Params"), "trainable" and "total"."""
     flat = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
     counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in GROUPS}
-    counts["PET (MTA + MSA)"] = counts["MTA"] + counts["MSA"]
+    detris = counts["text adapter (D-MoC)"] + counts["Dense Aligner"] > 0
+    drop = ("MTA", "MSA") if detris else ("text adapter (D-MoC)", "Dense Aligner")
+    counts = {name: n for name, n in counts.items() if name not in drop}
+    adapters = [n for name, n in counts.items() if name in ("MTA", "MSA", "text adapter (D-MoC)", "Dense Aligner")]
+    counts["PET (adapters)"] = sum(adapters)
     counts["trainable"] = sum(n for k, n in flat.items() if path_selected(k, trainable))
     counts["total"] = sum(flat.values())
     return counts
 
 
+def source_only_count(model_config: Any) -> int:
+    """Values of ``config.model.source_only_params``: entries of the source checkpoint (DETRIS's) that the forward
+    never reads and the model does not store (DINOv2's mask_token, CLIP's logit_scale)."""
+    from wimfris_jax.model import _backbones
+
+    _, vision = _backbones(model_config)
+    sizes = {"image_encoder/mask_token": vision.width, "text_encoder/logit_scale": 1}
+    names = tuple(model_config.get("source_only_params", ()))
+    unknown = [n for n in names if n not in sizes]
+    if unknown:
+        raise ValueError(f"config.model.source_only_params: unknown entries {unknown}; known: {sorted(sizes)}")
+    return sum(sizes[n] for n in names)
+
+
 def format_table(counts: Mapping[str, int]) -> str:
     lines = [f"{'group':<28}{'parameters':>14}{'millions':>10}", "-" * 52]
     for name, n in counts.items():
-        if name in ("PET (MTA + MSA)", "trainable"):
+        if name in ("PET (adapters)", "trainable"):
             lines.append("-" * 52)
         lines.append(f"{name:<28}{n:>14,}{n / 1e6:>10.3f}")
     return "\n".join(lines)
@@ -93,12 +115,22 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config)
     m = config.model
     counts = count_params(abstract_params(m), tuple(config.train.trainable))
+    extra = source_only_count(m)
+    if extra:
+        counts["total as in the checkpoint"] = counts["total"] + extra
     print(f"{args.config}: image {m.image_size}, words {m.word_len}, vision {dict(m.vision)}")
-    print(
-        f"MTA d={m.mta.dim} at {tuple(m.mta_layers) if m.use_mta else 'off'}; MSA d={m.msa.dim} "
-        f"({m.msa.num_heads} heads, kernels {tuple(m.msa.kernels)}) at {tuple(m.msa_layers) if m.use_msa else 'off'}; "
-        f"neck {m.neck.kind}, C={m.neck.dim}, window {m.neck.window}"
-    )
+    if m.get("adapter_kind", "wimfris") == "detris":
+        t, v = m.text_adapter, m.vision_adapter
+        print(
+            f"DETRIS: text adapter d={t.dim} at {tuple(t.layers)}; Dense Aligner d={v.dim} ({v.num_heads} heads) at "
+            f"{tuple(v.layers)}; neck {m.neck.kind}, C={m.neck.dim}"
+        )
+    else:
+        print(
+            f"MTA d={m.mta.dim} at {tuple(m.mta_layers) if m.use_mta else 'off'}; MSA d={m.msa.dim} "
+            f"({m.msa.num_heads} heads, kernels {tuple(m.msa.kernels)}) at "
+            f"{tuple(m.msa_layers) if m.use_msa else 'off'}; neck {m.neck.kind}, C={m.neck.dim}, window {m.neck.window}"
+        )
     print(format_table(counts))
 
 

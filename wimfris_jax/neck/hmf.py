@@ -15,13 +15,11 @@ window_logits (B, n_win) or None:
 - "aggregate": aggregation only (HMF without WMF),
 - "none": no neck (Table 1 "X"): the last map alone through conv 1x1 + BN + ReLU to C (a width change the
   decoder needs),
-- "detris": the DETRIS neck (Table 1), built for project issue 7 in ``wimfris_jax/neck/detris.py`` as
-  ``DetrisNeck(**neck_kwargs)`` with the same call signature; until that file exists it raises.
+- "detris": the DETRIS neck (Table 1; the neck of DETRIS itself), :class:`wimfris_jax.neck.detris.DetrisNeck`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,11 +102,6 @@ def build_neck(kind: str, *, dim: int, wmf: Any = None, dtype: Any = None, **kwa
     if kind == "none":
         return NoNeck(dim=dim, dtype=dtype)
     if kind == "detris":
-        if importlib.util.find_spec("wimfris_jax.neck.detris") is None:
-            raise NotImplementedError(
-                "neck 'detris' (the DETRIS neck ablation, Table 1) is not implemented yet: project issue 7 adds "
-                "wimfris_jax/neck/detris.py with DetrisNeck(dim, dtype, ...)(maps, state, train=) -> (out, None)"
-            )
         from wimfris_jax.neck.detris import DetrisNeck
 
         return DetrisNeck(dim=dim, dtype=dtype, **kwargs)

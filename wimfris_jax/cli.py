@@ -1,0 +1,286 @@
+"""The ``wimfris`` command: train, eval, predict, demo, summary.
+
+    wimfris demo [--workdir W] [--quick]                 offline: train the tiny model on synthetic shapes
+    wimfris train --config C --workdir W [--resume] [--set KEY=VALUE ...] [--init PREFIX=FILE ...]
+    wimfris eval --config C --checkpoint K --split S[,S...] [--json OUT]
+    wimfris predict --checkpoint K [--config C] --image IMG [IMG ... | FOLDER] --text "..." --out OUT
+    wimfris summary --config C
+
+Config overrides: ``--set train.lr=2e-4`` (repeatable; values are Python literals, else strings) or, as in
+the configs' docstrings, ``--config.train.lr=2e-4``. ``--init text_encoder=clip_b16.msgpack`` loads the
+params of a ``python -m port_weights`` file (or a run directory) into that subtree of the model before
+training (the pretrained backbones of WIMFRIS-B / -L). Multi-host jobs start ``jax.distributed`` from the
+environment before anything else (``wimfris_jax.train.sharding.maybe_initialize_distributed``).
+
+Expected failures (bad input, missing files, a checkpoint that does not fit) print one ``wimfris <command>:
+error: ...`` message on stderr and exit with status 1; argument errors exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad --set / --config.KEY override or --init argument."""
+
+
+def apply_overrides(config: Any, items: Sequence[str]) -> Any:
+    """Applies ``KEY=VALUE`` overrides (dotted keys into the ConfigDict) in place; returns the config."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (not a group)"
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i]) or 'config'} holds {known}")
+            if i < len(parts) - 1:
+                node = node[part]
+        old = node[parts[-1]]
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        if isinstance(old, str) and not isinstance(value, str):
+            value = raw
+        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot set {key}={raw!r}: {e}") from e
+    return config
+
+
+def _parse_inits(items: Sequence[str]) -> dict[str, str]:
+    inits = {}
+    for item in items:
+        prefix, sep, path = item.partition("=")
+        if not sep or not prefix or not path:
+            raise ConfigError(f"--init {item!r} is not PREFIX=FILE (e.g. image_encoder=dinov2_b14_reg4.msgpack)")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--init {prefix}: no such file or run directory: {path}")
+        inits[prefix.strip("/")] = path
+    return inits
+
+
+def pretrained_init_fn(model: Any, config: Any, inits: dict[str, str]) -> Any:
+    """``rng -> variables``: random init with the ``inits`` subtrees replaced by loaded params (checked)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from wimfris_jax.io import flatten, unflatten
+    from wimfris_jax.load import check_variables, expected_variables, read_checkpoint
+    from wimfris_jax.train.state import init_variables
+
+    want = flatten(expected_variables(model, config.model)["params"])
+    loaded = {}
+    for prefix, path in inits.items():
+        params = flatten(read_checkpoint(path)[0]["params"])
+        sub = {k[len(prefix) + 1 :]: v for k, v in want.items() if k.startswith(prefix + "/")}
+        if not sub:
+            raise ConfigError(f"--init {prefix}: the model has no parameters under {prefix!r}")
+        check_variables(params, sub, path, f"model subtree {prefix!r}")
+        loaded.update({f"{prefix}/{k}": np.asarray(v) for k, v in params.items()})
+    s, n = int(config.model.image_size), int(config.model.word_len)
+    sample = {"image": np.zeros((1, s, s, 3), np.float32), "ids": np.zeros((1, n), np.int32)}
+
+    def init_fn(rng: Any) -> dict[str, Any]:
+        variables = init_variables(model, sample, rng)
+        flat = flatten(variables["params"])
+        flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()})
+        return {**variables, "params": unflatten(flat)}
+
+    return init_fn
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import functools
+
+    from wimfris_jax import model as model_lib
+    from wimfris_jax.evaluate import eval_source, make_eval_fn
+    from wimfris_jax.summary import load_config
+    from wimfris_jax.train.loop import train
+
+    config = apply_overrides(load_config(args.config), args.set)
+    if args.resume:
+        config.train.resume = True
+    model = model_lib.build_model(config.model)
+    tc = config.train
+    eval_fn = make_eval_fn(
+        config, model, eval_source(config.data, config.data.get("eval_split", "val")),
+        batch_size=int(tc.get("eval_batch_size", 0) or tc.global_batch_size), max_examples=tc.get("eval_max_examples"),
+    )  # fmt: skip
+    init_fn = pretrained_init_fn(model, config, _parse_inits(args.init)) if args.init else None
+    state = train(
+        config, args.workdir, model=model, loss_fn=functools.partial(model_lib.loss_fn, config.model),
+        eval_fn=eval_fn, init_fn=init_fn,
+    )  # fmt: skip
+    print(f"trained {int(state.step)} steps; checkpoints, metrics.jsonl and TensorBoard logs in {args.workdir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from wimfris_jax.evaluate import data_settings, eval_source, evaluate
+    from wimfris_jax.load import load_model
+    from wimfris_jax.metrics import format_table
+    from wimfris_jax.predict import find_config
+
+    config = apply_overrides(find_config(args.checkpoint, args.config), args.set)
+    data_settings(config)
+    splits = [s for s in (args.split or config.data.get("eval_split", "val")).split(",") if s]
+    sources = {s: eval_source(config.data, s) for s in splits}  # fail on a bad split before loading weights
+    model, variables = load_model(config, args.checkpoint)
+    results = {}
+    for split, source in sources.items():
+        name = f"{split} (swapped)" if args.swap_sentences else split
+        results[name] = evaluate(
+            model, variables, source, config=config, batch_size=args.batch_size,
+            swap_sentences=args.swap_sentences, max_examples=args.max_examples, desc=split,
+        )  # fmt: skip
+    print(format_table(results))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": args.checkpoint, "results": results}, f, indent=2)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from wimfris_jax.predict import run
+
+    records = run(args.checkpoint, args.image, args.text, args.out, config=args.config, batch_size=args.batch_size)
+    for r in records:
+        print(f"{r['image']}: mask {r['mask']}, overlay {r['overlay']} ({100 * r['area']:.1f}% of the image)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from wimfris_jax.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick, overrides=args.set)
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from wimfris_jax import summary
+
+    summary.main(["--config", args.config])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wimfris", description="WIMFRIS referring image segmentation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+
+    p = sub.add_parser("train", help="train from a config file")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, config.json, metrics, tb/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--init", action="append", default=[], metavar="PREFIX=FILE", help="pretrained subtree")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a checkpoint (mIoU, oIoU, Prec@X)")
+    p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
+    p.add_argument("--checkpoint", required=True, help="run directory or converted weights file")
+    p.add_argument("--split", help="split(s), comma-separated (default: config.data.eval_split)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int, help="score the first N expressions of each split")
+    p.add_argument("--swap-sentences", action="store_true", help="synthetic set: use the distractor sentences")
+    p.add_argument("--set", **overrides)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment the object a sentence names in images")
+    p.add_argument("--checkpoint", required=True, help="run directory or converted weights file")
+    p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
+    p.add_argument("--image", required=True, nargs="+", help="image files and/or folders")
+    p.add_argument("--text", required=True, help="the referring expression")
+    p.add_argument("--out", required=True, help="output folder for <name>_mask.png and <name>_overlay.png")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="offline demo: train the tiny model on synthetic shapes, evaluate, predict")
+    p.add_argument("--workdir", default="wimfris_demo", help="run directory (default: ./wimfris_demo)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run with no quality target")
+    p.add_argument("--set", **overrides)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("summary", help="parameter counts of a config")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--config.a.b=v`` / ``--config.a.b v`` arguments -> ``a.b=v`` overrides; the rest unchanged."""
+    rest, found, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config.") :].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value")
+                value, i = argv[i + 1], i + 1
+            found.append(f"{key}={value}")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, found
+
+
+def _expected(error: BaseException) -> bool:
+    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback)."""
+    if isinstance(error, (ConfigError, FileNotFoundError, FileExistsError)):
+        return True
+    for module, name in (
+        ("wimfris_jax.predict", "PredictError"),
+        ("data_pipeline.preprocess", "ExampleError"),
+        ("wimfris_jax.load", "CheckpointMismatch"),
+    ):  # classes of modules not loaded cannot have been raised; importing them here would cost seconds
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(error, getattr(mod, name)):
+            return True
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wimfris`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        argv, flag_overrides = _split_config_flags(argv)
+    except ConfigError as e:
+        parser.error(str(e))
+    args = parser.parse_args(argv)
+    if hasattr(args, "set"):
+        args.set = list(args.set) + flag_overrides
+    elif flag_overrides:
+        parser.error(f"{args.command} takes no config overrides")
+    try:
+        if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
+            from wimfris_jax.train.sharding import maybe_initialize_distributed
+
+            maybe_initialize_distributed()
+        args.func(args)
+    except (ValueError, OSError) as e:
+        if not _expected(e):
+            raise
+        print(f"wimfris {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"wimfris {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Evaluation of a referring-segmentation model on a source of raw examples, scored as DETRIS scores.
+
+Protocol (DETRIS ``engine/engine.py`` ``inference``; :mod:`wimfris_jax.metrics`): every expression is
+preprocessed by ``data_pipeline.preprocess.preprocess_eval`` (letterbox to S x S, CLIP normalisation, the
+inverse letterbox matrix and the original-size mask), the model runs in evaluation mode (``train=False``:
+BatchNorm running statistics, no dropout) in jit-compiled batches of a fixed size (the last batch is padded
+and the padding ignored), and each logit map is taken back to the original image by
+:func:`~wimfris_jax.metrics.postprocess` (sigmoid, bicubic, inverse warp, ``> 0.35``) and scored against the
+original mask by :class:`~wimfris_jax.metrics.RefMetrics` (mIoU, oIoU, Prec@0.5..0.9).
+
+``swap_sentences=True`` (the synthetic set, ``data_pipeline.synthetic``) feeds each example's
+"distractor_sentence" (an expression naming another object of the same image) while scoring against the
+original target: a model that reads the sentence must score low there.
+
+Multi-host: each process reads its own shard of the source (``data_pipeline.loader.make_loader``), runs the
+forward on its local devices and the (I, U) counts of all processes are gathered before scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from wimfris_jax.metrics import RefMetrics, postprocess
+
+_FORWARDS: dict[int, tuple[Any, Callable]] = {}  # id(model) -> (model, jitted forward); keeps compiled fns
+
+
+def data_settings(config: Any) -> dict[str, int]:
+    """image_size, word_len and max_size (eval mask padding, default 640) from ``config.data`` (or config.model)."""
+    data = config.data if hasattr(config, "data") else config
+    model = config.model if hasattr(config, "model") else config
+    get = lambda key, default=None: data.get(key, model.get(key, default))  # noqa: E731
+    size, word_len = get("image_size"), get("word_len")
+    if size is None or word_len is None:
+        raise ValueError("the config names no image_size / word_len (config.data or config.model)")
+    return {"image_size": int(size), "word_len": int(word_len), "max_size": int(get("max_size", 640))}
+
+
+class _Head:
+    """The first ``n`` records of a source (``max_examples``)."""
+
+    def __init__(self, source: Any, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[int(index)]
+
+    def __repr__(self) -> str:
+        return f"_Head({self.source!r}, n={self.n})"
+
+
+def _transform(settings: Mapping[str, int], swap_sentences: bool, source: Any) -> Callable:
+    from data_pipeline.preprocess import describe, preprocess_eval
+
+    def transform(example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        del rng
+        if swap_sentences:
+            if "distractor_sentence" not in example:
+                raise ValueError(
+                    f"swap_sentences needs examples with a 'distractor_sentence' (the synthetic set); "
+                    f"{describe(example)} of {source!r} has none"
+                )
+            example = {**example, "sentence": example["distractor_sentence"]}
+        return preprocess_eval(example, **settings)
+
+    return transform
+
+
+def forward_fn(model: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """Jit-compiled ``(variables, images (B, S, S, 3), ids (B, L)) -> logits (B, h, w)`` in eval mode (cached)."""
+    cached = _FORWARDS.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+
+    def forward(variables: Any, images: jax.Array, ids: jax.Array) -> jax.Array:
+        out = model.apply(variables, images, ids, train=False)
+        return (out["logits"] if isinstance(out, Mapping) else out).astype(jnp.float32)
+
+    fn = jax.jit(forward)
+    _FORWARDS[id(model)] = (model, fn)
+    return fn
+
+
+def _local(variables: Any) -> Any:
+    """Variables usable by a jit on this process's devices (global multi-host arrays are gathered)."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree_util.tree_map(one, variables)
+
+
+def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pads the leading axis to ``size`` by repeating the last record."""
+    n = len(next(iter(batch.values())))
+    if n == size:
+        return dict(batch)
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
+
+
+def evaluate(
+    model: Any,
+    variables: Any,
+    source: Any,
+    *,
+    config: Any,
+    batch_size: int,
+    swap_sentences: bool = False,
+    max_examples: int | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Scores ``model`` on every expression of ``source`` (module docstring).
+
+    Args:
+      model: flax module; ``model.apply(variables, images, ids, train=False)`` gives logits (B, h, w) or a
+        dict holding "logits".
+      variables: its variables ({"params", "batch_stats"?}).
+      source: random-access source of raw examples ("image", "mask", "sentence", ...).
+      config: the run's config (``config.data``: image_size, word_len, max_size).
+      batch_size: examples per forward pass (per process); the last batch is padded.
+      swap_sentences: score the "distractor_sentence" of each example against the original target.
+      max_examples: evaluate the first ``max_examples`` records only.
+
+    Returns:
+      {"mIoU", "oIoU", "Prec@0.5", ..., "Prec@0.9", "n"} as fractions (n = number of expressions).
+    """
+    from data_pipeline.loader import make_loader
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_examples is not None:
+        if max_examples <= 0:
+            raise ValueError(f"max_examples must be positive, got {max_examples}")
+        source = _Head(source, max_examples)
+    settings = data_settings(config)
+    nproc = jax.process_count()
+    loader = make_loader(
+        source,
+        _transform(settings, swap_sentences, source),
+        global_batch_size=batch_size * nproc,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+    )
+    forward = forward_fn(model)
+    variables = _local(variables)
+    devices = jax.local_devices()
+    batch_sharding = None
+    if len(devices) > 1 and batch_size % len(devices) == 0:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    local = len(source) // nproc + (jax.process_index() < len(source) % nproc)
+    counts: list[tuple[int, int]] = []
+    with tqdm.tqdm(total=local, desc=desc, disable=not progress or jax.process_index() != 0, leave=False) as bar:
+        for batch in loader:
+            n = len(batch["ids"])
+            padded = _pad(batch, batch_size)
+            images, ids = padded["image"], padded["ids"]
+            if batch_sharding is not None:
+                images, ids = jax.device_put((images, ids), batch_sharding)
+            logits = np.asarray(forward(variables, images, ids))[:n]
+            for i in range(n):
+                h, w = (int(s) for s in batch["orig_size"][i])
+                pred = postprocess(logits[i], batch["inv_matrix"][i], (h, w), settings["image_size"])
+                gt = batch["mask"][i, :h, :w].astype(bool)
+                counts.append((int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())))
+            bar.update(n)
+
+    metrics = RefMetrics()
+    for inter, union in _gather(counts):
+        metrics.update_iu(inter, union)
+    return metrics.compute()
+
+
+def _gather(counts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(I, U) of every process (one process: unchanged)."""
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental import multihost_utils
+
+    n = np.asarray(multihost_utils.process_allgather(np.int64(len(counts))))
+    rows = np.zeros((int(n.max()), 2), np.int64)
+    rows[: len(counts)] = np.asarray(counts, np.int64).reshape(-1, 2)
+    every = np.asarray(multihost_utils.process_allgather(rows))  # (P, max_n, 2)
+    return [(int(i), int(u)) for p in range(len(n)) for i, u in every[p, : int(n[p])]]
+
+
+def eval_source(data_config: Any, split: str) -> Any:
+    """The evaluation source of ``config.data`` for ``split`` (one example per expression).
+
+    "synthetic": ``SyntheticRefer(num_val, raw_size, seed=val_seed)`` for any split ("val", "test", ...:
+    each split name gets its own scenes, disjoint from the training seed); "refer": ``ReferSource``;
+    "refcoco_tfds": ``RefCocoTfdsSource``.
+    """
+    name = data_config.get("name", "synthetic")
+    if name == "synthetic":
+        from data_pipeline.synthetic import SyntheticRefer
+
+        seeds = {"val": 1, "validation": 1, "test": 2, "testA": 3, "testB": 4}
+        if split not in seeds:
+            raise ValueError(f"synthetic data: unknown split {split!r}; choose from {sorted(seeds)}")
+        seed = int(data_config.get("seed", 0)) + 1000 * seeds[split]
+        return SyntheticRefer(
+            int(data_config.get("num_val", 200)), image_size=int(data_config.get("raw_size", 128)), seed=seed
+        )
+    if name == "refer":
+        from data_pipeline.refer import ReferSource
+
+        return ReferSource(data_config.data_root, data_config.dataset, data_config.split_by, split)
+    if name == "refcoco_tfds":
+        from data_pipeline.refcoco import RefCocoTfdsSource
+
+        return RefCocoTfdsSource(data_config.tfds_config, split, data_config.get("data_dir"))
+    raise ValueError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
+
+
+def make_eval_fn(
+    config: Any, model: Any, source: Any, *, batch_size: int, max_examples: int | None = None
+) -> Callable[[Any], dict[str, float]]:
+    """``state -> metrics`` for :func:`wimfris_jax.train.loop.train` (evaluates ``state.variables()``)."""
+
+    def eval_fn(state: Any) -> dict[str, float]:
+        return evaluate(
+            model, state.variables(), source, config=config, batch_size=batch_size, max_examples=max_examples
+        )
+
+    return eval_fn

@@ -1,0 +1,144 @@
+"""Load a ready-to-run model: ``model, variables = wimfris_jax.load_model(config, checkpoint)``.
+
+    model, variables = wimfris_jax.load_model("configs/detris_b.py", "detris_b_refcoco.msgpack")
+    logits = model.apply(variables, images, ids)        # (B, 448, 448, 3) f32, (B, L) i32 -> (B, 128, 128)
+
+``images`` are letterboxed and normalised with CLIP's mean/std (data_pipeline/preprocess.py); ``ids`` are OpenAI
+CLIP BPE ids ``[SOT] + text + [EOT]`` padded with 0 (DETRIS's convention; data_pipeline/tokenizer.py).
+
+The returned model is ``build_model(config.model)`` cloned with ``logits_only=True``: without ``train`` it runs
+in evaluation mode (BatchNorm running statistics, no dropout) and returns the mask logits alone; passing
+``train=...`` explicitly gives the usual output dict. ``variables`` holds every collection the model has
+("params" and, with BatchNorm, "batch_stats") as jax arrays.
+
+``checkpoint`` is either
+- a file written by ``python -m port_weights`` (``.msgpack``): a whole-model file holds the variables dict
+  (``meta["collections"]``, e.g. the DETRIS converter's), any other holds params alone; or
+- a training run directory (wimfris_jax/train/checkpoint.py layout): its best checkpoint if one was kept, else
+  its latest; ``which`` picks "best", "latest" or a step.
+
+The checkpoint must fit the config exactly: a :class:`CheckpointMismatch` names every missing, unexpected and
+mis-shaped variable, and a position-resampling rule in the file's meta that differs from the config's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wimfris_jax.io import flatten, load_params, unflatten
+
+MAX_LISTED = 40  # problems listed one per line before the rest is counted
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's variables do not fit the model the config builds."""
+
+
+def _config(config: Any) -> tuple[Any, str]:
+    if isinstance(config, (str, os.PathLike)):
+        from wimfris_jax.summary import load_config
+
+        return load_config(os.fspath(config)), os.fspath(config)
+    return config, "the given config"
+
+
+def expected_variables(model: Any, model_config: Any) -> dict[str, Any]:
+    """``jax.eval_shape`` of ``model.init`` for a batch of one (nothing allocated)."""
+    s, n = int(model_config.image_size), int(model_config.word_len)
+    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    return dict(jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, train=False), images, ids))
+
+
+def check_variables(variables: Any, expected: Any, checkpoint: str, config_name: str) -> None:
+    """Raises :class:`CheckpointMismatch` naming every path that is missing, unexpected or mis-shaped; a
+    top-level module (an adapter, the neck, ...) that is missing or unexpected as a whole is named once."""
+    got, want = flatten(variables), flatten(expected)
+    problems = []
+    for kind, paths, side in (("missing", set(want) - set(got), want), ("unexpected", set(got) - set(want), got)):
+        by_module: dict[str, list[str]] = {}
+        for p in sorted(paths):
+            by_module.setdefault(_module(p), []).append(p)
+        for module, ps in by_module.items():
+            if len(ps) > 1 and len(ps) == sum(_module(p) == module for p in side):
+                example = f"{ps[0]} {tuple(np.shape(side[ps[0]]))}"
+                problems.append(f"{kind}: all {len(ps)} arrays of {module!r} (e.g. {example})")
+            else:
+                problems += [f"{kind}: {p} {tuple(np.shape(side[p]))}" for p in ps]
+    problems += [
+        f"shape: {p} is {tuple(np.shape(got[p]))} in the checkpoint, the model has {tuple(want[p].shape)}"
+        for p in sorted(set(got) & set(want))
+        if tuple(np.shape(got[p])) != tuple(want[p].shape)
+    ]
+    if problems:
+        more = len(problems) - MAX_LISTED
+        listed = "\n  ".join(problems[:MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else "")
+        raise CheckpointMismatch(
+            f"{checkpoint} does not fit the model of {config_name}: {len(problems)} problem(s)\n  {listed}"
+        )
+
+
+def _module(path: str) -> str:
+    """'params/dense_aligner_3/D_fc1/kernel' -> 'dense_aligner_3' (the top-level module, any collection)."""
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 else parts[0]
+
+
+def read_checkpoint(checkpoint: str | os.PathLike, which: str | int = "auto") -> tuple[dict[str, Any], dict]:
+    """``(variables, meta)`` of a converted file or a training run directory (see the module docstring)."""
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        from wimfris_jax.train.checkpoint import load_variables
+
+        if which == "auto":
+            has_best = os.path.isdir(os.path.join(path, "best")) and any(
+                name.isdigit() for name in os.listdir(os.path.join(path, "best"))
+            )
+            which = "best" if has_best else "latest"
+        variables, step = load_variables(path, which)
+        return variables, {"step": step, "which": which}
+    tree, meta = load_params(path)
+    collections = meta.get("collections")
+    if collections:
+        missing = [c for c in collections if c not in tree]
+        if missing:
+            raise CheckpointMismatch(f"{path}: meta lists collections {collections} but {missing} are absent")
+        return {c: tree[c] for c in collections}, meta
+    return {"params": tree}, meta
+
+
+def load_model(
+    config: str | os.PathLike | Any, checkpoint: str | os.PathLike, *, which: str | int = "auto"
+) -> tuple[Any, dict[str, Any]]:
+    """``(model, variables)`` ready for ``model.apply(variables, images, ids) -> logits (B, 4h, 4w)``.
+
+    Args:
+      config: a config file (configs/*.py with ``get_config()``) or its ConfigDict (``config.model`` is read).
+      checkpoint: a ``python -m port_weights`` file or a training run directory.
+      which: for a run directory: "auto" (best, else latest), "best", "latest" or a step number.
+
+    Raises:
+      CheckpointMismatch: the checkpoint's variables or position-resampling rule differ from the config's.
+      FileNotFoundError / ValueError: no or unreadable checkpoint.
+    """
+    from wimfris_jax.model import build_model
+
+    cfg, config_name = _config(config)
+    model_config = cfg.model if hasattr(cfg, "model") else cfg
+    model = build_model(model_config).clone(logits_only=True)
+    variables, meta = read_checkpoint(checkpoint, which)
+    rule = meta.get("interpolation")
+    want_rule = dict(model_config.vision).get("interpolation", "torchhub")
+    if rule is not None and rule != want_rule:
+        raise CheckpointMismatch(
+            f"{os.fspath(checkpoint)} was converted from a source that resamples position embeddings with the "
+            f"{rule!r} rule; {config_name} sets vision.interpolation={want_rule!r}"
+        )
+    check_variables(variables, expected_variables(model, model_config), os.fspath(checkpoint), config_name)
+    variables = unflatten({k: jnp.asarray(v) for k, v in flatten(variables).items()})
+    return model, variables
