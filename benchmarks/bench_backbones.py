@@ -34,21 +34,11 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_dinov2(batches: list[int], repeats: int) -> list[tuple]:
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
     from port_weights import dinov2 as port
+    from tests.torch_ref.backbones import dinov2_b14_reg4
     from wimfris_jax.backbones import DinoV2
 
-    torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_register_tokens=4,
-        image_size=518,
-        patch_size=14,
-    )
-    ref = Dinov2WithRegistersModel(cfg).eval()
+    ref = dinov2_b14_reg4(seed=0)
     params, meta = port.convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()})
     model = DinoV2(**meta["config"])
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)["last_hidden_state"])
@@ -64,13 +54,11 @@ def bench_dinov2(batches: list[int], repeats: int) -> list[tuple]:
 
 
 def bench_clip(batch: int, length: int, repeats: int) -> list[tuple]:
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     from port_weights import clip as port
+    from tests.torch_ref.backbones import clip_b16_text
     from wimfris_jax.backbones import ClipText
 
-    torch.manual_seed(0)
-    ref = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=512)).eval()
+    ref = clip_b16_text(seed=0)
     params, meta = port.convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, num_heads=8)
     model = ClipText(**meta["config"])
     fwd = jax.jit(lambda p, ids: model.apply({"params": p}, ids)["text_embeds"])

@@ -31,7 +31,7 @@ def get_config(quick: bool = False):
         num_val=300, seed=0,
     )  # fmt: skip
     config.train = common.train_config(
-        global_batch_size=16, lr=1e-3, epochs=15, steps_per_epoch=100, lr_milestones=(12,), trainable=(".*",),
+        global_batch_size=16, lr=1e-3, epochs=28, steps_per_epoch=100, lr_milestones=(22,), trainable=(".*",),
         log_every=50, ckpt_every=0, keep_last=1, eval_every_epochs=0, eval_every=0, eval_batch_size=16,
     )  # fmt: skip
     if quick:  # a smoke run of the whole pipeline: fewer layers, steps and validation scenes

@@ -5,7 +5,10 @@ blocks 8 and 16 (DETRIS's L config), Adam 2e-4, batch 64.
 
 Run::
 
+    python -m port_weights clip ViT-B-16.pt clip_b16.msgpack                 # OpenAI / HF CLIP checkpoint
+    python -m port_weights dinov2 dinov2_vitl14_reg4_pretrain.pth dinov2_l14_reg4.msgpack  # torch-hub / HF DINOv2
     wimfris train --config configs/wimfris_l.py --workdir runs/wimfris_l \
+        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_l14_reg4.msgpack \
         --config.data.dataset=refcoco
 
 Expected (paper, Table 2, mIoU): RefCOCO val 78.2 / testA 79.7 / testB 76.3; RefCOCO+ 71.9 / 76.2 / 67.2;

@@ -70,23 +70,25 @@ def load_image(path: str) -> np.ndarray:
     return decode_image(data, path)
 
 
-def letterbox_matrix(h: int, w: int, size: int) -> np.ndarray:
-    """Affine (2, 3) float64 matrix mapping original (x, y) to the centred size x size letterbox (DETRIS)."""
+def _letterbox_points(h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three corners of the original image and where the centred size x size letterbox puts them (float32)."""
     scale = min(size / h, size / w)
     new_h, new_w = h * scale, w * scale
     bx, by = (size - new_w) / 2.0, (size - new_h) / 2.0
     src = np.array([[0, 0], [w, 0], [0, h]], np.float32)
     dst = np.array([[bx, by], [new_w + bx, by], [bx, new_h + by]], np.float32)
+    return src, dst
+
+
+def letterbox_matrix(h: int, w: int, size: int) -> np.ndarray:
+    """Affine (2, 3) float64 matrix mapping original (x, y) to the centred size x size letterbox (DETRIS)."""
+    src, dst = _letterbox_points(h, w, size)
     return cv2.getAffineTransform(src, dst)
 
 
 def inverse_letterbox_matrix(h: int, w: int, size: int) -> np.ndarray:
     """Inverse of `letterbox_matrix` (letterbox -> original coordinates), computed as DETRIS does."""
-    scale = min(size / h, size / w)
-    new_h, new_w = h * scale, w * scale
-    bx, by = (size - new_w) / 2.0, (size - new_h) / 2.0
-    src = np.array([[0, 0], [w, 0], [0, h]], np.float32)
-    dst = np.array([[bx, by], [new_w + bx, by], [bx, new_h + by]], np.float32)
+    src, dst = _letterbox_points(h, w, size)
     return cv2.getAffineTransform(dst, src)
 
 

@@ -26,14 +26,19 @@ import numpy as np
 from port_weights.common import (
     ConversionError,
     Rule,
+    block_count,
     convert,
+    dropped_keys,
     heads_in,
     heads_out,
+    infer_num_heads,
     linear,
     load_torch_checkpoint,
+    only_one,
+    path_prefix,
+    read_hf_config,
     split_in_proj,
 )
-from port_weights.dinov2 import read_hf_config
 
 LAYOUTS = ("openai", "hf")
 _QKV = (("q", "query"), ("k", "key"), ("v", "value"))
@@ -49,7 +54,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
       layout: "openai" or "hf" (hf: the tower's keys with or without ``text_model.``).
     """
     s, h = re.escape(src_prefix), num_heads
-    d = f"{dst_prefix.strip('/')}/" if dst_prefix.strip("/") else ""
+    d = path_prefix(dst_prefix)
     if layout == "openai":
         blk = s + r"transformer\.resblocks\.(\d+)\."
         b = d + r"blocks_\1/"
@@ -118,13 +123,11 @@ def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> 
             found.append(("hf", p[: -len("text_model.")] if p.endswith("text_model.") else p))
         elif k == "token_embedding.weight" or k.endswith(".token_embedding.weight"):
             found.append(("openai", k[: -len("token_embedding.weight")]))
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
-        raise ConversionError(
-            f"{source}: found {what} CLIP token embedding(s) ('token_embedding.weight' of OpenAI CLIP or "
-            "'embeddings.token_embedding.weight' of transformers); cannot tell which weights to convert"
-        )
-    return found[0]
+    what = (
+        "CLIP token embedding(s) ('token_embedding.weight' of OpenAI CLIP or 'embeddings.token_embedding.weight' "
+        "of transformers)"
+    )
+    return only_one(found, source, what)
 
 
 def infer_config(
@@ -152,9 +155,7 @@ def infer_config(
     if missing:
         raise ConversionError(f"{source}: cannot size the CLIP text tower, missing key(s) {missing}")
     vocab, width = np.shape(state_dict[tower + tok])
-    layers = {int(m.group(1)) for k in state_dict if (m := blk.match(k))}
-    if not layers or layers != set(range(len(layers))):
-        raise ConversionError(f"{source}: CLIP text blocks must be numbered 0..n-1, found {sorted(layers)}")
+    depth = block_count(state_dict, blk, source, "CLIP text")
     hidden = next((np.shape(v)[0] for k, v in state_dict.items() if blk.match(k) and k.endswith(fc1)), None)
     if hidden is None:
         raise ConversionError(f"{source}: no MLP weight ({fc1}) found in the CLIP text blocks")
@@ -163,16 +164,14 @@ def infer_config(
     else:
         key = prefix + "text_projection.weight"
         proj_dim = np.shape(state_dict[key])[0] if key in state_dict else None
-    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
-    if width % heads:
-        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
+    heads = infer_num_heads(width, num_heads, hf_config, source)
     act = hf_config.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
         raise ConversionError(f"{source}: config.json hidden_act={act!r}; ClipText implements QuickGELU only")
     return dict(
         vocab_size=int(vocab),
         width=int(width),
-        depth=len(layers),
+        depth=depth,
         num_heads=heads,
         context_length=int(np.shape(state_dict[tower + pos])[0]),
         proj_dim=None if proj_dim is None else int(proj_dim),
@@ -215,7 +214,7 @@ def convert_state_dict(
         "layout": layout,
         "prefix": prefix,
         "config": config,
-        "dropped": sorted(k for k in own if any(re.fullmatch(p, k) for p in ignore)),
+        "dropped": dropped_keys(own, ignore),
         "skipped": len(state_dict) - len(own),
     }
     return params, meta

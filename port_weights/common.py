@@ -14,6 +14,7 @@ PyTorch is imported lazily, only by :func:`load_torch_checkpoint`; files are rea
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -180,6 +181,55 @@ def _to_numpy_state_dict(obj: Any, path: str) -> dict[str, Array]:
 def strip_prefix(state_dict: Mapping[str, Array], prefix: str) -> dict[str, Array]:
     """Removes ``prefix`` from every key that has it (e.g. DistributedDataParallel's ``module.``)."""
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def read_hf_config(src: str, section: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face folder ``src`` (or beside the file ``src``), its ``section``
+    (e.g. "text_config") when present; {} when there is none."""
+    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        cfg = json.load(f)
+    return dict(cfg.get(section, cfg)) if section else cfg
+
+
+# ---------------------------------------------------------------------------------- reading a layout
+def path_prefix(dst_prefix: str) -> str:
+    """A '/'-path as the prefix of rule targets: ``"params/text_encoder/"``, or ``""`` for the root."""
+    d = dst_prefix.strip("/")
+    return f"{d}/" if d else ""
+
+
+def only_one(found: list[tuple[str, str]], source: str, what: str) -> tuple[str, str]:
+    """The single ``(layout, key prefix)`` in ``found``; else a ConversionError naming ``what`` was searched."""
+    if len(found) != 1:
+        n = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
+        raise ConversionError(f"{source}: found {n} {what}; cannot tell which weights to convert")
+    return found[0]
+
+
+def block_count(state_dict: Mapping[str, Any], block: re.Pattern, source: str, what: str) -> int:
+    """How many blocks the keys matching ``block`` (group 1: the block index) hold; they must be 0..n-1."""
+    layers = {int(m.group(1)) for k in state_dict if (m := block.match(k))}
+    if not layers or layers != set(range(len(layers))):
+        raise ConversionError(f"{source}: {what} blocks must be numbered 0..n-1, found {sorted(layers)}")
+    return len(layers)
+
+
+def infer_num_heads(width: int, num_heads: int | None, hf_config: Mapping[str, Any], source: str) -> int:
+    """``num_heads`` if given, else ``config.json``'s ``num_attention_heads``, else head size 64; must divide width."""
+    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
+    if width % heads:
+        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
+    return heads
+
+
+def dropped_keys(keys: Iterable[str], ignore: Iterable[str]) -> list[str]:
+    """The ``keys`` that an ``ignore`` regex fully matches, sorted (what ``convert`` dropped on purpose)."""
+    ignore = list(ignore)
+    return sorted(k for k in keys if any(re.fullmatch(p, k) for p in ignore))
 
 
 # --------------------------------------------------------------------------------------- converting

@@ -30,6 +30,7 @@ from port_weights.common import (
     conv2d,
     conv_transpose2d,
     convert,
+    dropped_keys,
     heads_out,
     linear,
     load_torch_checkpoint,
@@ -195,26 +196,16 @@ def model_ignore() -> list[str]:
     return IGNORE + dinov2.ignore_patterns("dinov2.") + clip.ignore_patterns("txt_backbone.")
 
 
-def expected_variables(model_config: Any) -> dict[str, Any]:
-    """Shapes of ``{"params", "batch_stats"}`` of ``build_model(model_config)`` (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from wimfris_jax.model import build_model
-
-    model = build_model(model_config)
-    s, n = int(model_config.image_size), int(model_config.word_len)
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
-    return dict(jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, train=False), images, ids))
-
-
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray], model_config: Any, source: str = "checkpoint"
 ) -> dict[str, Any]:
     """An official-layout DETRIS state dict (``module.`` already stripped) -> ``{"params", "batch_stats"}`` of
     ``build_model(model_config)``. Every unmapped, missing or mis-shaped key is reported in one ConversionError."""
-    return convert(state_dict, model_rules(model_config), expected_variables(model_config), model_ignore(), source)
+    from wimfris_jax.load import expected_variables
+    from wimfris_jax.model import build_model
+
+    expected = expected_variables(build_model(model_config), model_config)
+    return convert(state_dict, model_rules(model_config), expected, model_ignore(), source)
 
 
 def load_config(name_or_path: str | Any) -> tuple[Any, str]:
@@ -258,6 +249,6 @@ def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str
         "interpolation": vision.get("interpolation", "torchhub"),
         "vision": vision,
         "text": dict(cfg.model.text),
-        "dropped": sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in model_ignore())),
+        "dropped": dropped_keys(state_dict, model_ignore()),
     }
     return variables, meta

@@ -20,9 +20,7 @@ head size 64 (width // 64).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -32,22 +30,23 @@ import numpy as np
 from port_weights.common import (
     ConversionError,
     Rule,
+    block_count,
     conv2d,
     convert,
+    dropped_keys,
     heads_in,
     heads_out,
+    infer_num_heads,
     linear,
     load_torch_checkpoint,
+    only_one,
+    path_prefix,
+    read_hf_config,
     split_in_proj,
 )
 
 LAYOUTS = ("torchhub", "hf")
 _QKV = (("q", "query"), ("k", "key"), ("v", "value"))
-
-
-def _dst(dst_prefix: str) -> str:
-    d = dst_prefix.strip("/")
-    return f"{d}/" if d else ""
 
 
 def split_gate_up(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -67,7 +66,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
       num_heads: attention heads (needed to split projections per head).
       layout: "torchhub" or "hf" (the hf rules accept both the v4 and the v5 names).
     """
-    s, d, h = re.escape(src_prefix), _dst(dst_prefix), num_heads
+    s, d, h = re.escape(src_prefix), path_prefix(dst_prefix), num_heads
     if layout == "torchhub":
         blk = s + r"blocks\.(?:\d+\.)?(\d+)\."
         b = d + r"blocks_\1/"
@@ -138,25 +137,8 @@ def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> 
             found.append(("hf", k[: -len("embeddings.position_embeddings")]))
         elif k == "pos_embed" or k.endswith(".pos_embed"):
             found.append(("torchhub", k[: -len("pos_embed")]))
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
-        raise ConversionError(
-            f"{source}: found {what} DINOv2 position table(s) ('pos_embed' of torch-hub or "
-            "'embeddings.position_embeddings' of transformers); cannot tell which weights to convert"
-        )
-    return found[0]
-
-
-def read_hf_config(src: str, section: str | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a Hugging Face folder ``src`` (or beside the file ``src``), its ``section``
-    (e.g. "text_config") when present; {} when there is none."""
-    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        cfg = json.load(f)
-    return dict(cfg.get(section, cfg)) if section else cfg
+    what = "DINOv2 position table(s) ('pos_embed' of torch-hub or 'embeddings.position_embeddings' of transformers)"
+    return only_one(found, source, what)
 
 
 def infer_config(
@@ -186,9 +168,7 @@ def infer_config(
     if grid * grid != n_pos or shape["patch"][-1] != shape["patch"][-2]:
         raise ConversionError(f"{source}: position table {shape['pos']} or patch kernel {shape['patch']} not square")
     blk = re.compile(re.escape(prefix) + (r"blocks\.(?:\d+\.)?(\d+)\." if th else r"encoder\.layer\.(\d+)\."))
-    layers = {int(m.group(1)) for k in state_dict if (m := blk.match(k))}
-    if layers != set(range(len(layers))) or not layers:
-        raise ConversionError(f"{source}: DINOv2 blocks must be numbered 0..n-1, found {sorted(layers)}")
+    depth = block_count(state_dict, blk, source, "DINOv2")
     hidden, ffn = None, "mlp"
     for k, v in state_dict.items():
         if blk.match(k) and re.search(r"mlp\.fc1\.weight$", k):
@@ -200,9 +180,7 @@ def infer_config(
     if hidden is None:
         raise ConversionError(f"{source}: no MLP weights (mlp.fc1 / mlp.w12 / mlp.weights_in / mlp.gate_proj) found")
     mlp_ratio = _mlp_ratio(width, hidden, ffn, source)
-    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
-    if width % heads:
-        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
+    heads = infer_num_heads(width, num_heads, hf_config, source)
     act = hf_config.get("hidden_act", "gelu")
     if ffn == "mlp" and act != "gelu":
         raise ConversionError(f"{source}: config.json hidden_act={act!r}; DinoV2 implements exact GELU only")
@@ -211,7 +189,7 @@ def infer_config(
     rule = "torchhub" if th else ("hf_antialias" if "reg" in shape else "hf")
     return dict(
         width=int(width),
-        depth=len(layers),
+        depth=depth,
         num_heads=heads,
         mlp_ratio=mlp_ratio,
         ffn=ffn,
@@ -272,7 +250,7 @@ def convert_state_dict(
         "prefix": prefix,
         "config": config,
         "interpolation": config["interpolation"],
-        "dropped": sorted(k for k in own if any(re.fullmatch(p, k) for p in ignore)),
+        "dropped": dropped_keys(own, ignore),
         "skipped": len(state_dict) - len(own),
     }
     return params, meta

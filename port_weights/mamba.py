@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from port_weights.common import ConversionError, Rule, conv1d, convert, linear, load_torch_checkpoint
+from port_weights.common import (
+    ConversionError,
+    Rule,
+    conv1d,
+    convert,
+    dropped_keys,
+    linear,
+    load_torch_checkpoint,
+    path_prefix,
+)
 
 # Parts of a MambaModel / MambaForCausalLM that are not mixers (no counterpart in the block).
 NON_MIXER = [
@@ -39,7 +48,7 @@ def mixer_rules(src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
         ``"text/layers_3/mta/mamba"`` ("" when the block is the root).
     """
     s = re.escape(src_prefix)
-    d = f"{dst_prefix.strip('/')}/" if dst_prefix.strip("/") else ""
+    d = path_prefix(dst_prefix)
     return [
         Rule(rf"{s}(in_proj|x_proj|out_proj|dt_proj)\.weight", rf"{d}\1/kernel", linear),
         Rule(rf"{s}(in_proj|out_proj|dt_proj)\.bias", rf"{d}\1/bias"),
@@ -105,7 +114,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "chec
     one = expected_params(config)
     rules = [r for i in layers for r in mixer_rules(f"{prefix}layers.{i}.mixer.", f"layers_{i}")]
     params = convert(state_dict, rules, {f"layers_{i}": one for i in layers}, ignore=NON_MIXER, source=source)
-    dropped = sorted(k for k in state_dict if any(re.fullmatch(p, k) for p in NON_MIXER))
+    dropped = dropped_keys(state_dict, NON_MIXER)
     return params, {"family": "mamba", "config": config, "layers": layers, "dropped": dropped}
 
 

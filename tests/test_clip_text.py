@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_dinov2 import max_abs, perturb
+from torch_ref.backbones import clip_b16_text, max_abs, perturb
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from port_weights import clip as port
@@ -259,8 +259,7 @@ def test_bad_checkpoint_names_every_key(tmp_path):
 @pytest.mark.slow
 def test_full_size_b16_text_tower():
     """CLIP ViT-B/16 text tower (49408 x 512, 12 layers, 8 heads, 77 positions, projection 512), L = 17."""
-    torch.manual_seed(0)
-    model = perturb(CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=512)), std=0.02)  # EOT 49407
+    model = perturb(clip_b16_text(seed=0), std=0.02)  # EOT 49407
     params, meta = port.convert_state_dict(to_openai(model.state_dict()), num_heads=8)
     assert meta["config"] == dict(
         vocab_size=49408, width=512, depth=12, num_heads=8, context_length=77, proj_dim=512, ln_eps=1e-5, mlp_ratio=4.0

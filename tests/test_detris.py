@@ -105,7 +105,6 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny PyTorch DETRIS, its logits, and its official-layout checkpoint converted and loaded."""
-    from torch_ref.detris_head import DetrisHead
     from torch_ref.detris_model import Detris
     from torch_ref.detris_parts import randomize
 
@@ -114,8 +113,7 @@ def tiny(tmp_path_factory):
 
     torch.manual_seed(0)
     ref = Detris(**TINY).eval()
-    randomize(ref, 0)
-    DetrisHead.randomize(ref, 1)  # LayerNorm affines too
+    randomize(ref, 0, layer_norm=True)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
     ids = np.array([[49, 5, 7, 98, 0, 0, 0], [49, 3, 11, 12, 4, 98, 0]], np.int32)  # SOT ... EOT (max id), 0-padded

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_ref.backbones import dinov2_b14_reg4, max_abs, perturb
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from port_weights import dinov2 as port
@@ -30,19 +31,6 @@ SIZES = [(20, 20), (28, 16), (12, 12), (22, 21)]  # unchanged table; up/down, no
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Adds noise to every parameter, so constants (LayerScale 1, zero biases and registers) are exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
 def torchhub_interpolate(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """torch-hub DINOv2's ``interpolate_pos_encoding`` (offset 0.1, scale_factor, no antialias), written out in
     its own terms (``x.shape = B, C, w, h``: its "w" is the image height), for a transformers embeddings module."""
@@ -311,16 +299,7 @@ def test_presets_match_transformers_parameter_counts(name):
 @pytest.mark.slow
 def test_full_size_b14_reg4_448_torchhub():
     """DINOv2-B/14 + 4 registers at 448 x 448 (37 -> 32 position grid), DETRIS's torch-hub rule, every layer."""
-    torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_register_tokens=4,
-        image_size=518,
-        patch_size=14,
-    )
-    model = perturb(Dinov2WithRegistersModel(cfg), std=0.02)
+    model = perturb(dinov2_b14_reg4(seed=0), std=0.02)
     model.embeddings.interpolate_pos_encoding = types.MethodType(torchhub_interpolate, model.embeddings)
     params, meta = port.convert_state_dict(to_torchhub(model.state_dict()))
     assert meta["config"] == dinov2_config("b14_reg4")

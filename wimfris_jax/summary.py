@@ -18,11 +18,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from wimfris_jax.io import flatten
+from wimfris_jax.load import expected_variables
 from wimfris_jax.train.freeze import path_selected
 
 GROUPS = (
@@ -57,17 +56,7 @@ def abstract_params(model_config: Any) -> dict[str, Any]:
     """The model's params as ShapeDtypeStructs (nothing allocated), for a batch of one."""
     from wimfris_jax.model import build_model
 
-    model = build_model(model_config)
-    s, n = int(model_config.image_size), int(model_config.word_len)
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
-
-    def init(rng: jax.Array) -> Any:
-        return model.init(
-            {"params": rng, "dropout": rng}, jnp.zeros(images.shape), jnp.zeros(ids.shape, jnp.int32), train=False
-        )
-
-    return dict(jax.eval_shape(init, jax.random.PRNGKey(0))["params"])
+    return dict(expected_variables(build_model(model_config), model_config)["params"])
 
 
 def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[str, int]:

@@ -1,1 +1,1 @@
-"""Small PyTorch references used only by the parity tests (never imported by the package)."""
+"""Small PyTorch references used only by the parity tests and benchmarks/ (never imported by the package)."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_ref.detris_parts import randomize as randomize_constants
+
 
 def sine_1d(length: int, dim: int) -> torch.Tensor:
     """(L, dim): even channels sin(l * f_i), odd channels cos(l * f_i), f_i = 10000^(-2i/dim)."""
@@ -108,19 +110,7 @@ class DetrisHead(nn.Module):
         self.decoder = Decoder(num_layers, d_model, nhead, dim_ffn, dropout)
         self.proj = Projector(word_dim, d_model)
 
-    @torch.no_grad()
     def randomize(self, seed: int = 0) -> None:
         """Non-trivial values for everything PyTorch initialises to constants (LayerNorm/BatchNorm affine,
         BatchNorm running statistics, zero-initialised attention biases), so parity exercises every mapping."""
-        g = torch.Generator().manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-                m.num_batches_tracked.fill_(7)
-            if isinstance(m, nn.MultiheadAttention):
-                m.in_proj_bias.copy_(0.1 * torch.randn(m.in_proj_bias.shape, generator=g))
-                m.out_proj.bias.copy_(0.1 * torch.randn(m.out_proj.bias.shape, generator=g))
+        randomize_constants(self, seed, layer_norm=True)

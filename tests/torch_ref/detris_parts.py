@@ -137,14 +137,17 @@ class Neck(nn.Module):
 
 
 @torch.no_grad()
-def randomize(module: nn.Module, seed: int = 0) -> None:
+def randomize(module: nn.Module, seed: int = 0, *, layer_norm: bool = False) -> None:
     """Non-trivial values for what PyTorch initialises to constants (BatchNorm affine and running statistics,
-    attention biases), so parity exercises every mapping."""
+    attention biases; LayerNorm affines too with ``layer_norm``), so parity exercises every mapping."""
     g = torch.Generator().manual_seed(seed)
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d)
+    affine = batch_norms + ((nn.LayerNorm,) if layer_norm else ())
     for m in module.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(m, affine):
             m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
             m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+        if isinstance(m, batch_norms):
             m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
             m.num_batches_tracked.fill_(7)

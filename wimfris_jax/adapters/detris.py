@@ -36,61 +36,17 @@ for kernels and biases).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-BN_EPS = 1e-3  # the adapters' BatchNorm (the neck/projector use 1e-5)
-BN_MOMENTUM = 0.9  # flax convention; PyTorch's momentum 0.1
+from wimfris_jax.layers import ConvBNReLU, kaiming_normal, torch_default_bias, torch_default_kernel
 
-kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # untruncated, as torch
-torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+BN_EPS = 1e-3  # the adapters' BatchNorm (the neck/projector use 1e-5)
+
 # PyTorch's xavier_uniform_ on the fused (3d, d) in_proj_weight: var = 2 / (d + 3d) = 0.5 / d per q/k/v block.
 fused_xavier = nn.initializers.variance_scaling(0.5, "fan_in", "uniform")
-
-
-def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
-    """PyTorch's default bias init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-class ConvBNReLU(nn.Module):
-    """DETRIS ``BasicConv1d`` / ``BasicConv2d``: conv (bias, 'same' zero padding) + BatchNorm(eps 1e-3) + ReLU.
-
-    (B, *spatial, Cin) -> (B, *spatial, features); ``len(kernel_size)`` spatial dims (1 or 2).
-    """
-
-    features: int
-    kernel_size: tuple[int, ...]
-    torch_init: bool = False  # True: PyTorch defaults (text adapter); False: Kaiming normal, zero bias
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        if self.torch_init:
-            fan_in = x.shape[-1] * math.prod(self.kernel_size)
-            inits = dict(kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in))
-        else:
-            inits = dict(kernel_init=kaiming_normal, bias_init=nn.initializers.zeros)
-        pad = [(k // 2, k // 2) for k in self.kernel_size]
-        x = nn.Conv(self.features, self.kernel_size, padding=pad, dtype=self.dtype, name="conv", **inits)(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPS,
-            use_fast_variance=False,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
-        return nn.relu(x)
 
 
 def dense_mixture(
@@ -107,7 +63,13 @@ def dense_mixture(
     k1, k3, k5 = ((1,) * ndim, (3,) * ndim, (5,) * ndim)
 
     def cbr(y: jnp.ndarray, width: int, k: tuple[int, ...], name: str) -> jnp.ndarray:
-        return ConvBNReLU(width, k, torch_init=torch_init, dtype=dtype, name=name)(y, train=train)
+        # DETRIS BasicConv1d/2d: conv with bias + BatchNorm(eps 1e-3) + ReLU
+        if torch_init:  # PyTorch's defaults (text adapter)
+            fan_in = y.shape[-1] * math.prod(k)
+            inits = dict(kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in))
+        else:  # DETRIS's Dense Aligner init: Kaiming normal, zero bias
+            inits = dict(kernel_init=kaiming_normal, bias_init=nn.initializers.zeros)
+        return ConvBNReLU(width, k, use_bias=True, eps=BN_EPS, dtype=dtype, name=name, **inits)(y, train=train)
 
     b1 = cbr(xs, d // 2, k1, "dense_branch1")
     b2 = cbr(cbr(jnp.concatenate([xs, b1], -1), d // 16, k1, "dense_branch2_0"), d // 4, k3, "dense_branch2_1")

@@ -38,7 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+from wimfris_jax.layers import kaiming_normal
 
 
 def logit(p: float) -> float:

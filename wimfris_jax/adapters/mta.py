@@ -29,10 +29,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.layers import torch_default_kernel
 from wimfris_jax.ssm.mamba import Mamba
-
-# PyTorch nn.Linear default weight init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class MambaTextAdapter(nn.Module):
@@ -61,7 +59,7 @@ class MambaTextAdapter(nn.Module):
         """x: (B, L, width) text residual stream (after attention, un-normed) -> (B, L, width)."""
         if x.ndim != 3 or x.shape[-1] != self.width:
             raise ValueError(f"MambaTextAdapter(width={self.width}) expects (B, L, {self.width}), got {x.shape}")
-        x_fc = nn.relu(nn.Dense(self.dim, kernel_init=torch_linear_init, dtype=self.dtype, name="down")(x))
+        x_fc = nn.relu(nn.Dense(self.dim, kernel_init=torch_default_kernel, dtype=self.dtype, name="down")(x))
         mixed = Mamba(
             d_model=self.dim,
             d_state=self.d_state,
@@ -71,5 +69,5 @@ class MambaTextAdapter(nn.Module):
             dtype=self.dtype,
             name="mamba",
         )(x_fc)
-        up_init = nn.initializers.zeros_init() if self.zero_init_up else torch_linear_init
+        up_init = nn.initializers.zeros_init() if self.zero_init_up else torch_default_kernel
         return nn.Dense(self.width, kernel_init=up_init, dtype=self.dtype, name="up")(mixed + x_fc)

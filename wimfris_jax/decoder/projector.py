@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.interpolate import resize_2d, resize_matrix
+from wimfris_jax.layers import batch_norm
 
-BN_MOMENTUM = 0.9  # flax convention: new = momentum * old + (1 - momentum) * batch; PyTorch's 0.1
 BN_EPS = 1e-5
 
 
@@ -101,15 +101,7 @@ class Projector(nn.Module):
 
         def conv_bn_relu(y: jnp.ndarray, width: int, idx: int) -> jnp.ndarray:
             y = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name=f"vis_{idx}_0")(y)
-            y = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPS,
-                use_fast_variance=False,
-                dtype=self.dtype,
-                name=f"vis_{idx}_1",
-            )(y)
-            return nn.relu(y)
+            return nn.relu(batch_norm(train, eps=BN_EPS, dtype=self.dtype, name=f"vis_{idx}_1")(y))
 
         y = conv_bn_relu(upsample2x(x), self.in_dim, 1)
         y = conv_bn_relu(upsample2x(y), mid, 3)

@@ -30,8 +30,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from wimfris_jax.layers import batch_norm
+
 BN_EPS = 1e-5
-BN_MOMENTUM = 0.9
 # DETRIS's Fusion.initialize_parameters does not reach the neck: PyTorch defaults there. Flax defaults are used.
 
 
@@ -78,15 +79,7 @@ class DetrisNeck(nn.Module):
         x = conv(
             self.dim, (k, k), padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype, name=f"{name}_0"
         )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPS,
-            use_fast_variance=False,
-            dtype=self.dtype,
-            name=f"{name}_1",
-        )(x)
-        return nn.relu(x)
+        return nn.relu(batch_norm(train, eps=BN_EPS, dtype=self.dtype, name=f"{name}_1")(x))
 
     @nn.compact
     def __call__(self, maps: Sequence[jnp.ndarray], state: jnp.ndarray, *, train: bool) -> tuple[jnp.ndarray, None]:

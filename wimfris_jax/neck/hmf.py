@@ -26,29 +26,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.layers import ConvBNReLU
 from wimfris_jax.neck.wmf import WindowMambaFuser, normalize_window
 
 NECKS = ("hmf", "aggregate", "none", "detris")
-
-
-class ConvBNReLU(nn.Module):
-    """1x1 conv (no bias) + BatchNorm + ReLU: (B, h, w, Cin) -> (B, h, w, features). DETRIS's conv_layer."""
-
-    features: int
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,  # PyTorch momentum 0.1
-            epsilon=1e-5,
-            use_fast_variance=False,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
-        return nn.relu(x)
 
 
 class HMF(nn.Module):

@@ -27,17 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wimfris_jax.layers import torch_default_kernel, uniform
 from wimfris_jax.ssm.scan import selective_scan
-
-# PyTorch's default Linear / Conv weight init: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(fan_in)).
-torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _uniform(bound: float) -> nn.initializers.Initializer:
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def _dt_bias_init(dt_min: float, dt_max: float, floor: float) -> nn.initializers.Initializer:
@@ -136,7 +127,7 @@ class Mamba(nn.Module):
             padding=[(self.d_conv - 1, 0)],
             feature_group_count=d_inner,
             use_bias=self.conv_bias,
-            bias_init=_uniform(1.0 / math.sqrt(self.d_conv)),
+            bias_init=uniform(1.0 / math.sqrt(self.d_conv)),
             name="conv1d",
             **dense,
         )(xs)
@@ -145,7 +136,7 @@ class Mamba(nn.Module):
         dt, b, c = jnp.split(dbc, [rank, rank + n], axis=-1)
         dt, dt_bias = _DtProj(
             d_inner,
-            kernel_init=_uniform(rank**-0.5),
+            kernel_init=uniform(rank**-0.5),
             bias_init=_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
