@@ -138,7 +138,7 @@ def test_train_init_loads_pretrained_backbone(tmp_path, capsys):
     params = jax.device_get(tower.init(jax.random.key(7), np.zeros((1, 17), np.int32))["params"])
     save_params(tmp_path / "clip.msgpack", params, {"family": "clip", "config": text_fields})
     workdir = tmp_path / "run"
-    sets = ["train.epochs=1", "train.steps_per_epoch=2", "train.global_batch_size=2", "data.num_train=4",
+    sets = ["train.epochs=1", "train.global_batch_size=8", "data.num_train=16",
             "train.eval_every_epochs=0", "train.log_every=1"]  # fmt: skip
     args = ["train", "--config", tiny, "--workdir", str(workdir), "--init", f"text_encoder={tmp_path / 'clip.msgpack'}"]
     assert cli.main([*args, *(x for s in sets for x in ("--set", s))]) == 0
