@@ -1,6 +1,5 @@
 """The assembled WIMFRIS network: tiny forward / gradient / training steps, ablation switches, full-size counts."""
 
-import importlib.util
 import os
 
 import jax
@@ -127,19 +126,14 @@ ABLATIONS = {
     "no_adapters": ({"use_msa": False, "use_mta": False, "neck.window": 16}, 1),
     "neck_aggregate": ({"neck.kind": "aggregate"}, None),  # HMF without WMF
     "neck_none": ({"neck.kind": "none"}, None),  # Table 1 "X"
-    "neck_detris": ({"neck.kind": "detris"}, None),  # Table 1 "DETRIS" (project issue 7)
+    "neck_detris": ({"neck.kind": "detris"}, None),  # Table 1 "DETRIS"
 }
-HAS_DETRIS_NECK = importlib.util.find_spec("wimfris_jax.neck.detris") is not None
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_ablation_switches(name):
     changes, n_win = ABLATIONS[name]
     cfg = _ablation(changes)
-    if name == "neck_detris" and not HAS_DETRIS_NECK:
-        with pytest.raises(NotImplementedError, match="issue 7"):
-            build_model(cfg.model)
-        return
     model = build_model(cfg.model)
     images, ids, mask = _batch(cfg)  # the fixture's shapes: the backbones' compiled ops are reused
     variables = _init(model, images, ids)
@@ -167,6 +161,9 @@ def test_ablation_switches(name):
         assert set(params["neck"]) == {"aggregate"}
     if name == "neck_none":
         assert params["neck"]["proj"]["conv"]["kernel"].shape == (1, 1, 64, 64)  # the last map only
+    if name == "neck_detris":
+        assert {"f3_proj_0", "fusion4", "aggr_0", "coordconv_1_0", "txt_proj"} <= set(params["neck"])
+        assert "batch_stats" in variables and "neck" in variables["batch_stats"]
 
 
 def test_config_errors():
