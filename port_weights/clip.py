@@ -29,7 +29,6 @@ from port_weights.common import (
     block_count,
     convert,
     dropped_keys,
-    heads_in,
     heads_out,
     infer_num_heads,
     linear,
@@ -38,10 +37,10 @@ from port_weights.common import (
     path_prefix,
     read_hf_config,
     split_in_proj,
+    split_qkv_rules,
 )
 
 LAYOUTS = ("openai", "hf")
-_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
 
 
 def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout: str = "openai") -> list[Rule]:
@@ -92,13 +91,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
         Rule(e + r"final_layer_norm\.weight", d + "ln_final/scale"),
         Rule(e + r"final_layer_norm\.bias", d + "ln_final/bias"),
     ]
-    for short, long in _QKV:
-        qkv = lay + rf"self_attn\.{short}_proj\."
-        out += [
-            Rule(qkv + "weight", b + f"attn/{long}/kernel", heads_in(h)),
-            Rule(qkv + "bias", b + f"attn/{long}/bias", heads_in(h)),
-        ]
-    return out
+    return out + split_qkv_rules(lay + r"self_attn\.{short}_proj\.", b + "attn/", h)
 
 
 def ignore_patterns(src_prefix: str = "", layout: str = "openai") -> list[str]:

@@ -117,6 +117,23 @@ def split_in_proj(num_heads: int) -> Transform:
     return f
 
 
+def split_qkv_rules(src: str, dst: str, num_heads: int) -> list[Rule]:
+    r"""Separate q/k/v ``Linear`` layers -> flax ``MultiHeadDotProductAttention`` ``{dst}{query,key,value}/...``.
+
+    ``src`` is a regex template ending in '.' with ``{short}`` (q, k, v) and/or ``{long}`` (query, key, value)
+    placeholders, e.g. ``r"layers\.(\d+)\.self_attn\.{short}_proj\."``; ``dst`` ends in '/' and may reference
+    src's groups.
+    """
+    out = []
+    for short, long in (("q", "query"), ("k", "key"), ("v", "value")):
+        qkv = src.format(short=short, long=long)
+        out += [
+            Rule(qkv + "weight", f"{dst}{long}/kernel", heads_in(num_heads)),
+            Rule(qkv + "bias", f"{dst}{long}/bias", heads_in(num_heads)),
+        ]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ loading
 def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
     """Reads a PyTorch checkpoint into ``{name: float32/int numpy array}``.

@@ -55,12 +55,9 @@ def decoder_rules(src: str = "decoder.", dst: str = "decoder", num_heads: int = 
     s, d = re.escape(src), f"params/{dst}"
     lay = rf"{s}layers\.(\d+)\."
     attn = lay + r"(self_attn|multihead_attn)\."
-    return [
-        Rule(attn + r"in_proj_(weight|bias)", rf"{d}/layers_\1/\2", split_in_proj(num_heads)),
-        Rule(attn + r"out_proj\.weight", rf"{d}/layers_\1/\2/out/kernel", heads_out(num_heads)),
-        Rule(attn + r"out_proj\.bias", rf"{d}/layers_\1/\2/out/bias"),
-        Rule(lay + r"ffn\.(0|4)\.weight", rf"{d}/layers_\1/ffn_\2/kernel", linear),
-        Rule(lay + r"ffn\.(0|4)\.bias", rf"{d}/layers_\1/ffn_\2/bias"),
+    rules = mha_rules(attn, rf"{dst}/layers_\1/\2", num_heads)
+    rules += _dense(lay + r"ffn\.(0|4)\.", rf"{dst}/layers_\1/ffn_\2")
+    return rules + [
         Rule(lay + r"ffn\.3\.weight", rf"{d}/layers_\1/ffn_3/scale"),
         Rule(lay + r"ffn\.3\.bias", rf"{d}/layers_\1/ffn_3/bias"),
         Rule(lay + _LN + r"\.weight", rf"{d}/layers_\1/\2/scale"),
@@ -84,8 +81,7 @@ def projector_rules(src: str = "proj.", dst: str = "projector") -> list[Rule]:
         Rule(rf"{s}vis\.(1|3)\.1\.running_var", rf"{b}/vis_\1_1/var"),
         Rule(rf"{s}vis\.4\.weight", f"{p}/vis_4/kernel", conv2d),
         Rule(rf"{s}vis\.4\.bias", f"{p}/vis_4/bias"),
-        Rule(rf"{s}txt\.weight", f"{p}/txt/kernel", linear),
-        Rule(rf"{s}txt\.bias", f"{p}/txt/bias"),
+        *_dense(rf"{s}txt\.", f"{dst}/txt"),
     ]
 
 

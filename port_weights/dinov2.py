@@ -34,7 +34,6 @@ from port_weights.common import (
     conv2d,
     convert,
     dropped_keys,
-    heads_in,
     heads_out,
     infer_num_heads,
     linear,
@@ -43,10 +42,10 @@ from port_weights.common import (
     path_prefix,
     read_hf_config,
     split_in_proj,
+    split_qkv_rules,
 )
 
 LAYOUTS = ("torchhub", "hf")
-_QKV = (("q", "query"), ("k", "key"), ("v", "value"))
 
 
 def split_gate_up(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -114,13 +113,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
         Rule(s + r"layernorm\.weight", d + "norm/scale"),
         Rule(s + r"layernorm\.bias", d + "norm/bias"),
     ]
-    for short, long in _QKV:
-        qkv = lay + rf"attention\.(?:attention\.{long}|{short}_proj)\."
-        out += [
-            Rule(qkv + "weight", b + f"attn/{long}/kernel", heads_in(h)),
-            Rule(qkv + "bias", b + f"attn/{long}/bias", heads_in(h)),
-        ]
-    return out
+    return out + split_qkv_rules(lay + r"attention\.(?:attention\.{long}|{short}_proj)\.", b + "attn/", h)
 
 
 def ignore_patterns(src_prefix: str = "", layout: str = "torchhub") -> list[str]:
