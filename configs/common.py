@@ -2,6 +2,7 @@
 
 ``config.model`` keys (read by :func:`wimfris_jax.model.build_model`):
   image_size, word_len          448 and 17 (22 for G-Ref UMD)
+  attention                     "auto" | "xla" | "cudnn" | "chunked" (wimfris_jax/attention.py): every attention
   text                          ClipText fields (CLIP ViT-B/16 text tower)
   vision                        DinoV2 fields, or {"preset": "b14_reg4"} (+ field overrides)
   neck_taps                     0-based DINOv2 blocks tapped (pre-norm) for the neck: DETRIS's (4, 8) / (8, 16)
@@ -52,6 +53,7 @@ def model_config(
         dict(
             image_size=image_size,
             word_len=word_len,
+            attention="auto",
             text=dict(text or CLIP_B16_TEXT),
             vision=dict(vision),
             neck_taps=tuple(neck_taps),

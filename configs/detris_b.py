@@ -33,6 +33,7 @@ def model_config(*, vision, vision_layers, neck_taps):
         dict(
             image_size=448,
             word_len=17,  # 22 for G-Ref UMD
+            attention="auto",  # "xla" | "cudnn" | "chunked" (wimfris_jax/attention.py)
             text=dict(common.CLIP_B16_TEXT),
             vision=dict(vision),
             neck_taps=tuple(neck_taps),

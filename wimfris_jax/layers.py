@@ -4,6 +4,8 @@
 - :class:`ConvBNReLU`: conv ('same' zero padding) + BatchNorm + ReLU, DETRIS's ``BasicConv1d/2d`` (with bias,
   eps 1e-3) and ``conv_layer`` (1x1, no bias, eps 1e-5).
 - PyTorch's default initialisers, for layers that start as their PyTorch counterparts do.
+- :func:`conv`: ``flax.linen.Conv`` whose 1x1 kernels run as a matrix product (same parameters).
+- :func:`fusion_barrier`: an identity XLA cannot fuse across (between transformer blocks).
 
 BatchNorm uses batch statistics when ``train`` and running statistics otherwise. Under ``jax.jit`` with the batch
 sharded over a mesh the batch mean/variance are reductions over the global (logical) array, so they are global
@@ -42,6 +44,49 @@ def uniform(bound: float) -> Initializer:
 def torch_default_bias(fan_in: int) -> Initializer:
     """PyTorch's default Linear / Conv bias init: uniform in +-1/sqrt(fan_in)."""
     return uniform(1.0 / math.sqrt(fan_in))
+
+
+def conv_general_dilated(
+    lhs: jnp.ndarray,
+    rhs: jnp.ndarray,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> jnp.ndarray:
+    """``lax.conv_general_dilated`` with flax's channels-last layout, computed as a matrix product when the kernel
+    is 1x1 (stride 1, no padding, no dilation, one group): XLA:CPU runs the weight gradient of a 1x1 convolution
+    at a tenth of the speed of the equivalent matrix product (measured: projector ``vis_4``, 226 vs ~20 ms)."""
+    spatial = rhs.shape[:-2]
+    pointwise = (
+        all(k == 1 for k in spatial)
+        and all(s == 1 for s in window_strides)
+        and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))  # any string pads 1x1 by 0
+        and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+        and feature_group_count == 1
+    )
+    if pointwise:
+        return jnp.einsum("...c,co->...o", lhs, rhs.reshape(rhs.shape[-2:]), precision=precision)
+    return jax.lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+    )
+
+
+def conv(features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Conv:
+    """``flax.linen.Conv`` (channels-last, parameters ``kernel`` (*k, Cin, Cout) and ``bias``) that runs 1x1
+    kernels as a matrix product (:func:`conv_general_dilated`)."""
+    return nn.Conv(features, tuple(kernel_size), conv_general_dilated=conv_general_dilated, **kwargs)
 
 
 def batch_norm(train: bool, *, eps: float, dtype: Any, name: str) -> nn.BatchNorm:
@@ -86,7 +131,7 @@ class ConvBNReLU(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         pad = [(k // 2, k // 2) for k in self.kernel_size]
-        x = nn.Conv(
+        x = conv(
             self.features,
             self.kernel_size,
             padding=pad,
@@ -97,3 +142,40 @@ class ConvBNReLU(nn.Module):
             name="conv",
         )(x)
         return nn.relu(batch_norm(train, eps=self.eps, dtype=self.dtype, name="bn")(x))
+
+
+def _materialise(x: jnp.ndarray) -> jnp.ndarray:
+    """``x``, passed through a ``while`` loop that XLA cannot simplify away, so that XLA stores it instead of
+    fusing its computation into every consumer. The loop runs once (twice if x's first entry is NaN) and adds
+    ``i > 1``, which is 0 on every trip; XLA cannot know the trip count, so it keeps the loop. (An optimisation
+    barrier would not do: XLA:CPU expands those into scheduling constraints before fusion.)"""
+    trips = 1 + jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+
+    def body(carry: tuple[jnp.ndarray, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+        i, y = carry
+        return i + 1, y + (i > 1).astype(y.dtype)
+
+    return jax.lax.while_loop(lambda c: c[0] < trips, body, (jnp.int32(0), x))[1]
+
+
+@jax.custom_vjp
+def fusion_barrier(x: jnp.ndarray) -> jnp.ndarray:
+    """Identity that XLA materialises, forward and backward: no computation is fused across it.
+
+    Placed between transformer blocks it stores the residual stream (and its gradient) once per block. Without
+    it XLA fuses the cheap elementwise residual sums of many blocks into each consumer and recomputes them there,
+    with strided reads when the consumer transposes: measured 0.7 s of an 8.3 s DETRIS-B CPU train step, in the
+    transposes of the Dense Aligners' weight gradients, which re-derived the residual stream of all later blocks.
+    """
+    return _materialise(x)
+
+
+def _fusion_barrier_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+    return _materialise(x), None
+
+
+def _fusion_barrier_bwd(_: None, g: jnp.ndarray) -> tuple[jnp.ndarray]:
+    return (_materialise(g),)
+
+
+fusion_barrier.defvjp(_fusion_barrier_fwd, _fusion_barrier_bwd)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from wimfris_jax.adapters.detris import DenseAligner, TextAdapter
 from wimfris_jax.adapters.msa import MultiScaleAligner
 from wimfris_jax.adapters.mta import MambaTextAdapter
+from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.decoder import Decoder, Projector
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
@@ -143,12 +144,21 @@ def _backbones(cfg: Any, dtype: Any = None) -> tuple[nn.Module, nn.Module]:
     from wimfris_jax.backbones.clip_text import ClipText
     from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
 
+    attention = _attention(cfg)
     text_kw = dict(cfg.text)
     vision_kw = dict(cfg.vision)
     preset = vision_kw.pop("preset", None)
     if preset is not None:
         vision_kw = {**dinov2_config(preset), **vision_kw}
-    return ClipText(dtype=dtype, **text_kw), DinoV2(dtype=dtype, **vision_kw)
+    return ClipText(dtype=dtype, attention=attention, **text_kw), DinoV2(dtype=dtype, attention=attention, **vision_kw)
+
+
+def _attention(cfg: Any) -> str:
+    """``config.model.attention`` (default "auto"), checked."""
+    impl = cfg.get("attention", "auto")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={impl!r}: choose one of {IMPLEMENTATIONS}")
+    return impl
 
 
 def _check(cfg: Any, text: nn.Module, vision: nn.Module, text_layers: tuple, vision_layers: tuple) -> None:
@@ -181,7 +191,7 @@ def _adapter_config(cfg: Any, text_width: int, dtype: Any) -> tuple[tuple, dict,
     kind = cfg.get("adapter_kind", "wimfris")
     if kind == "wimfris":
         mta_kwargs = {**dict(cfg.mamba), **dict(cfg.mta), "dtype": dtype}
-        msa_kwargs = {**dict(cfg.msa), "dtype": dtype}
+        msa_kwargs = {**dict(cfg.msa), "dtype": dtype, "attention": _attention(cfg)}
         msa_kwargs["kernels"] = tuple(msa_kwargs.get("kernels", (3, 5, 7)))
         text_layers = tuple(cfg.mta_layers) if cfg.use_mta else ()
         vision_layers = tuple(cfg.msa_layers) if cfg.use_msa else ()
@@ -190,7 +200,8 @@ def _adapter_config(cfg: Any, text_width: int, dtype: Any) -> tuple[tuple, dict,
         t, v = dict(cfg.text_adapter), dict(cfg.vision_adapter)
         text_layers, scale = tuple(t.pop("layers")), float(t.pop("scale"))
         vision_layers = tuple(v.pop("layers"))
-        return text_layers, {**t, "dtype": dtype}, scale, vision_layers, {**v, "text_dim": text_width, "dtype": dtype}
+        v.update(text_dim=text_width, dtype=dtype, attention=_attention(cfg))
+        return text_layers, {**t, "dtype": dtype}, scale, vision_layers, v
     raise ValueError(f"config.model.adapter_kind={kind!r}: choose one of {sorted(ADAPTER_NAMES)}")
 
 
@@ -219,7 +230,7 @@ def build_model(model_config: Any, dtype: Any = None) -> Wimfris:
         text_encoder=text,
         image_encoder=vision,
         neck=neck,
-        decoder=Decoder(dtype=dtype, **dict(cfg.decoder)),
+        decoder=Decoder(dtype=dtype, attention=_attention(cfg), **dict(cfg.decoder)),
         projector=Projector(word_dim=text.proj_dim, in_dim=dim, dtype=dtype),
         neck_taps=tuple(cfg.neck_taps),
         adapter_kind=cfg.get("adapter_kind", "wimfris"),

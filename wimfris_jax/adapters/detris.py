@@ -41,6 +41,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.attention import multi_head_attention
 from wimfris_jax.layers import ConvBNReLU, kaiming_normal, torch_default_bias, torch_default_kernel
 
 BN_EPS = 1e-3  # the adapters' BatchNorm (the neck/projector use 1e-5)
@@ -87,6 +88,7 @@ class CrossModalAttention(nn.Module):
     num_heads: int = 8
     dropout: float = 0.1
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, img: jnp.ndarray, text: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
@@ -95,16 +97,15 @@ class CrossModalAttention(nn.Module):
 
         q = dense(self.embed_dim, "image_proj")(img)
         kv = dense(self.embed_dim, "text_proj")(text)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            qkv_features=self.embed_dim,
-            out_features=self.embed_dim,
-            dropout_rate=self.dropout,
-            broadcast_dropout=False,  # PyTorch drops each attention weight independently
-            kernel_init=fused_xavier,
-            out_kernel_init=kaiming_normal,
+        y = multi_head_attention(
+            self.num_heads,
+            self.embed_dim,
+            implementation=self.attention,
+            dropout_rate=self.dropout,  # drawn per attention weight, as PyTorch
             dtype=self.dtype,
             name="multihead_attn",
+            kernel_init=fused_xavier,
+            out_kernel_init=kaiming_normal,
         )(q, kv, kv, deterministic=deterministic)
         return dense(img.shape[-1], "back_proj")(y)
 
@@ -119,6 +120,7 @@ class DenseAligner(nn.Module):
       num_heads, dropout: of the cross-attention (8, 0.1).
       scale: fixed output scale (DETRIS: 0.2).
       dtype: computation dtype (parameters stay float32).
+      attention: attention implementation (:mod:`wimfris_jax.attention`).
     """
 
     width: int = 768
@@ -128,6 +130,7 @@ class DenseAligner(nn.Module):
     dropout: float = 0.1
     scale: float = 0.2
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -144,7 +147,9 @@ class DenseAligner(nn.Module):
         f = nn.relu(nn.Dense(self.dim, kernel_init=kaiming_normal, dtype=self.dtype, name="D_fc1")(x))
         xs = f[:, num_prefix:].reshape(b, h, w, self.dim)
         dense = dense_mixture(xs, ndim=2, train=train, dtype=self.dtype) + xs
-        cross = CrossModalAttention(self.dim, self.num_heads, self.dropout, dtype=self.dtype, name="cross")(
+        cross = CrossModalAttention(
+            self.dim, self.num_heads, self.dropout, dtype=self.dtype, attention=self.attention, name="cross"
+        )(
             dense.reshape(b, h * w, self.dim), words, deterministic=not train
         )
         out = jnp.concatenate([f[:, :num_prefix], cross], axis=1) + f

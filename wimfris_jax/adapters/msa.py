@@ -15,7 +15,8 @@ seam: ``x = x + ls2(mlp(n2) + MSA(n2))``, DETRIS_FACTS.md "Where adapters sit"):
     out     = alpha * x_fused,   alpha = sigmoid(p),  p0 = logit(alpha0) = logit(0.2)      eq. (3)
 
 Decisions where the paper is silent:
-- Cross-attention: flax ``MultiHeadDotProductAttention`` with ``qkv_features = d``; its key/value projections
+- Cross-attention: flax ``MultiHeadDotProductAttention`` (:func:`wimfris_jax.attention.multi_head_attention`) with
+  ``qkv_features = d``; its key/value projections
   take the word features f_t (B, L, 512) straight to the hidden size (this is "f_t projected to the hidden
   size"; no separate text Linear). Dropout 0.1 on the attention weights, as DETRIS's adapter.
 - Key padding mask: padded word positions (id == 0) are masked out, as in the decoder. DETRIS attends to them;
@@ -38,6 +39,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.attention import multi_head_attention
 from wimfris_jax.layers import kaiming_normal
 
 
@@ -94,6 +96,7 @@ class MultiScaleAligner(nn.Module):
       alpha0: initial / fixed emphasis, 0.2 as DETRIS.
       dropout: attention-weight dropout of the cross-attention (DETRIS: 0.1).
       dtype: computation dtype (None: float32); parameters stay float32.
+      attention: attention implementation (:mod:`wimfris_jax.attention`).
     """
 
     width: int
@@ -104,19 +107,15 @@ class MultiScaleAligner(nn.Module):
     alpha0: float = 0.2
     dropout: float = 0.1
     dtype: Any = None
+    attention: str = "auto"
 
     def setup(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"MSA dim {self.dim} is not divisible by num_heads {self.num_heads}")
         self.down = nn.Dense(self.dim, kernel_init=kaiming_normal, dtype=self.dtype)
         self.rfmixer = RFMixer(tuple(self.kernels), dtype=self.dtype)
-        self.cross_attn = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            qkv_features=self.dim,
-            out_features=self.dim,
-            dropout_rate=self.dropout,
-            broadcast_dropout=False,
-            dtype=self.dtype,
+        self.cross_attn = multi_head_attention(
+            self.num_heads, self.dim, implementation=self.attention, dropout_rate=self.dropout, dtype=self.dtype
         )
         self.up = nn.Dense(self.width, kernel_init=kaiming_normal, dtype=self.dtype)
         if self.emphasis:

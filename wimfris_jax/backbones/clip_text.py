@@ -30,11 +30,12 @@ class ResidualAttentionBlock(nn.Module):
     mlp_ratio: float = 4.0
     ln_eps: float = 1e-5
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, adapter: Adapter | None = None) -> Array:
         w = x.shape[-1]
-        x = x + self_attention(self.num_heads, w, self.dtype, name="attn")(
+        x = x + self_attention(self.num_heads, w, self.dtype, name="attn", attention=self.attention)(
             layer_norm(self.ln_eps, self.dtype, "ln_1")(x), mask=mask
         )
         y = Mlp(int(w * self.mlp_ratio), quick_gelu, self.dtype, name="mlp")(
@@ -55,6 +56,7 @@ class ClipText(nn.Module):
       proj_dim: output size of ``text_projection``; None for a tower without it (then no "text_embeds").
       ln_eps: LayerNorm epsilon.
       dtype: computation dtype (None: float32); parameters stay float32.
+      attention: attention implementation (:mod:`wimfris_jax.attention`).
     """
 
     vocab_size: int = 49408
@@ -66,6 +68,7 @@ class ClipText(nn.Module):
     ln_eps: float = 1e-5
     mlp_ratio: float = 4.0
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, ids: Array, adapters: Adapters | None = None) -> dict[str, Any]:
@@ -91,7 +94,9 @@ class ClipText(nn.Module):
         mask = nn.make_causal_mask(ids)  # (B, 1, L, L)
         hidden = [x]
         for i in range(self.depth):
-            blk = ResidualAttentionBlock(self.num_heads, self.mlp_ratio, self.ln_eps, self.dtype, name=f"blocks_{i}")
+            blk = ResidualAttentionBlock(
+                self.num_heads, self.mlp_ratio, self.ln_eps, self.dtype, self.attention, name=f"blocks_{i}"
+            )
             x = blk(x, mask, adapters.get(i))
             hidden.append(x)
         words = layer_norm(self.ln_eps, self.dtype, "ln_final")(x)

@@ -26,6 +26,7 @@ import numpy as np
 from wimfris_jax.backbones import vit
 from wimfris_jax.backbones.vit import Adapter, Adapters, Array, cast, layer_norm
 from wimfris_jax.interpolate import resize_2d, resize_matrix
+from wimfris_jax.layers import fusion_barrier
 
 INTERPOLATIONS = ("torchhub", "hf", "hf_antialias")
 
@@ -112,6 +113,7 @@ class Block(nn.Module):
     layerscale: bool = True
     ln_eps: float = 1e-6
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, adapter: Adapter | None = None) -> Array:
@@ -120,7 +122,7 @@ class Block(nn.Module):
         def scale(name: str, y: Array) -> Array:
             return y * cast(self.param(name, nn.initializers.ones, (c,)), self.dtype) if self.layerscale else y
 
-        y = vit.self_attention(self.num_heads, c, self.dtype, name="attn")(
+        y = vit.self_attention(self.num_heads, c, self.dtype, name="attn", attention=self.attention)(
             layer_norm(self.ln_eps, self.dtype, "norm1")(x)
         )
         x = x + scale("ls1", y)
@@ -149,6 +151,7 @@ class DinoV2(nn.Module):
       interpolation: how the M x M position grid is resampled for other grids: "torchhub", "hf" or
         "hf_antialias" — the rule of the checkpoint's source (see :func:`pos_embed_matrices`).
       dtype: computation dtype (None: float32); parameters stay float32.
+      attention: attention implementation, "auto" | "xla" | "cudnn" | "chunked" (:mod:`wimfris_jax.attention`).
     """
 
     width: int = 768
@@ -163,6 +166,7 @@ class DinoV2(nn.Module):
     interpolation: str = "torchhub"
     ffn: str = "mlp"
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: Array, adapters: Adapters | None = None) -> dict[str, Any]:
@@ -199,9 +203,16 @@ class DinoV2(nn.Module):
         hidden = [x]
         for i in range(self.depth):
             blk = Block(
-                self.num_heads, self.mlp_ratio, self.ffn, self.layerscale, self.ln_eps, self.dtype, name=f"blocks_{i}"
+                self.num_heads,
+                self.mlp_ratio,
+                self.ffn,
+                self.layerscale,
+                self.ln_eps,
+                self.dtype,
+                self.attention,
+                name=f"blocks_{i}",
             )
-            x = blk(x, adapters.get(i))
+            x = fusion_barrier(blk(x, adapters.get(i)))
             hidden.append(x)
         out = layer_norm(self.ln_eps, self.dtype, "norm")(x)
         return {"hidden_states": tuple(hidden), "last_hidden_state": out, "grid": grid}

@@ -2,8 +2,9 @@
 
 - :func:`layer_norm`: ``torch.nn.LayerNorm`` numerics (two-pass variance, not E[x^2] - E[x]^2).
 - :func:`self_attention`: ``flax.linen.MultiHeadDotProductAttention`` as a ``torch`` self-attention layer with a
-  fused or split in-projection; converters map torch weights with ``heads_in`` / ``heads_out`` /
-  ``split_in_proj`` (port_weights/common.py).
+  fused or split in-projection, running :func:`wimfris_jax.attention.dot_product_attention` (``attention``: its
+  implementation); converters map torch weights with ``heads_in`` / ``heads_out`` / ``split_in_proj``
+  (port_weights/common.py).
 - :class:`Mlp`: Linear -> activation -> Linear (``fc1``, ``fc2``); :class:`SwiGLU`: the fused SwiGLU FFN of
   DINOv2-g (``gate``, ``up``, ``down``: ``down(silu(gate(x)) * up(x))``).
 - :func:`quick_gelu`: CLIP's ``x * sigmoid(1.702 x)``; :func:`gelu_exact`: ``torch.nn.GELU()`` (erf form).
@@ -20,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from wimfris_jax.attention import multi_head_attention
 
 Array = jax.Array
 Adapter = Callable[[Array], Array]
@@ -41,11 +44,12 @@ def layer_norm(eps: float, dtype: Any = None, name: str | None = None) -> nn.Lay
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def self_attention(num_heads: int, width: int, dtype: Any = None, name: str | None = None):
-    """Multi-head self-attention, (B, T, C) -> (B, T, C), with biases on q, k, v and the output, no dropout."""
-    return nn.MultiHeadDotProductAttention(
-        num_heads=num_heads, qkv_features=width, out_features=width, dtype=dtype, deterministic=True, name=name
-    )
+def self_attention(
+    num_heads: int, width: int, dtype: Any = None, name: str | None = None, attention: str = "auto"
+) -> nn.MultiHeadDotProductAttention:
+    """Multi-head self-attention, (B, T, C) -> (B, T, C), with biases on q, k, v and the output, no dropout;
+    ``attention``: the implementation (:mod:`wimfris_jax.attention`)."""
+    return multi_head_attention(num_heads, width, implementation=attention, dtype=dtype, name=name)
 
 
 class Mlp(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.attention import multi_head_attention
 from wimfris_jax.decoder.position import pos1d, pos2d
 
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used throughout DETRIS's decoder
@@ -34,6 +35,7 @@ class DecoderLayer(nn.Module):
     dim_ffn: int = 512
     dropout: float = 0.1
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -52,12 +54,12 @@ class DecoderLayer(nn.Module):
             return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=name)
 
         def mha(name: str) -> nn.MultiHeadDotProductAttention:
-            return nn.MultiHeadDotProductAttention(
-                num_heads=self.num_heads,
-                qkv_features=self.d_model,
-                out_features=self.d_model,
+            # attention-weight dropout drawn per weight, as PyTorch's nn.MultiheadAttention
+            return multi_head_attention(
+                self.num_heads,
+                self.d_model,
+                implementation=self.attention,
                 dropout_rate=self.dropout,
-                broadcast_dropout=False,  # PyTorch drops each attention weight independently
                 dtype=self.dtype,
                 name=name,
             )
@@ -88,6 +90,7 @@ class Decoder(nn.Module):
     Attributes:
       num_layers, d_model, num_heads, dim_ffn, dropout: DETRIS's values are 3, 512, 8, 512, 0.1.
       dtype: computation dtype (None: the inputs' / float32); parameters stay float32.
+      attention: attention implementation (:mod:`wimfris_jax.attention`).
     """
 
     num_layers: int = 3
@@ -96,6 +99,7 @@ class Decoder(nn.Module):
     dim_ffn: int = 512
     dropout: float = 0.1
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -124,8 +128,9 @@ class Decoder(nn.Module):
         attend = jnp.logical_not(pad_mask.astype(bool))[:, None, None, :]  # (B, 1, 1, L)
         x = vis.reshape(b, h * w, c)
         for i in range(self.num_layers):
-            x = DecoderLayer(self.d_model, self.num_heads, self.dim_ffn, self.dropout, self.dtype, name=f"layers_{i}")(
-                x, words, vis_pos, word_pos, attend, deterministic=deterministic
+            layer = DecoderLayer(
+                self.d_model, self.num_heads, self.dim_ffn, self.dropout, self.dtype, self.attention, name=f"layers_{i}"
             )
+            x = layer(x, words, vis_pos, word_pos, attend, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
         return x.reshape(b, h, w, c)

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.interpolate import resize_2d, resize_matrix
-from wimfris_jax.layers import batch_norm
+from wimfris_jax.layers import batch_norm, conv
 
 BN_EPS = 1e-5
 
@@ -50,17 +50,22 @@ def dynamic_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.
 
     Returns:
       (B, H, W): out[b, y, x] = bias[b] + sum_{c, i, j} kernel[b, c, i, j] * x_pad[b, y + i, x + j, c].
+
+    Computed channels first: one pass over x gives the k*k tap maps t_ij = sum_c kernel[b, c, i, j] x[b, :, :, c]
+    (B, H, W, k*k), and the output sums the zero-padded tap maps shifted by (i, j) — the same sum as shifting the
+    C-channel map k*k times, with the shifts (and their gradients) on k*k channels instead of C.
     """
     b, h, w, c = x.shape
     k = kernel.shape[-1]
     if kernel.shape != (b, c, k, k) or k % 2 == 0:
         raise ValueError(f"dynamic_conv: kernel {kernel.shape} does not fit x {x.shape} (want (B, C, k, k), k odd)")
     p = k // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    taps = jnp.einsum("bhwc,bcij->bhwij", x, kernel.astype(x.dtype)).reshape(b, h, w, k * k)
+    taps = jnp.pad(taps, ((0, 0), (p, p), (p, p), (0, 0)))
     out = bias.astype(x.dtype)[:, None, None]
     for i in range(k):
         for j in range(k):
-            out = out + jnp.einsum("bhwc,bc->bhw", xp[:, i : i + h, j : j + w, :], kernel[:, :, i, j])
+            out = out + taps[:, i : i + h, j : j + w, i * k + j]
     return out
 
 
@@ -100,12 +105,12 @@ class Projector(nn.Module):
         mid, k = self.in_dim // 2, self.kernel_size
 
         def conv_bn_relu(y: jnp.ndarray, width: int, idx: int) -> jnp.ndarray:
-            y = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name=f"vis_{idx}_0")(y)
+            y = conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name=f"vis_{idx}_0")(y)
             return nn.relu(batch_norm(train, eps=BN_EPS, dtype=self.dtype, name=f"vis_{idx}_1")(y))
 
         y = conv_bn_relu(upsample2x(x), self.in_dim, 1)
         y = conv_bn_relu(upsample2x(y), mid, 3)
-        y = nn.Conv(mid, (1, 1), dtype=self.dtype, name="vis_4")(y)  # (B, 4H, 4W, mid)
+        y = conv(mid, (1, 1), dtype=self.dtype, name="vis_4")(y)  # (B, 4H, 4W, mid)
 
         t = nn.Dense(mid * k * k + 1, dtype=self.dtype, name="txt")(state)  # (B, mid*k*k + 1)
         kernel = t[:, :-1].reshape(-1, mid, k, k)

@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from wimfris_jax.layers import batch_norm
+from wimfris_jax.attention import multi_head_attention
+from wimfris_jax.layers import batch_norm, conv
 
 BN_EPS = 1e-5
 # DETRIS's Fusion.initialize_parameters does not reach the neck: PyTorch defaults there. Flax defaults are used.
@@ -51,9 +52,8 @@ class TextGate(nn.Module):
     @nn.compact
     def __call__(self, v: jnp.ndarray, txt: jnp.ndarray) -> jnp.ndarray:
         c = v.shape[-1]
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype, name="multihead_attn"
-        )(v, txt, txt, deterministic=True)
+        # one key: any implementation computes out_proj(v_proj(txt)); "auto" picks the dense one
+        y = multi_head_attention(self.num_heads, c, dtype=self.dtype, name="multihead_attn")(v, txt, txt)
         return v * y
 
 
@@ -74,11 +74,11 @@ class DetrisNeck(nn.Module):
     dtype: Any = None
 
     def _cbr(self, x: jnp.ndarray, name: str, k: int, train: bool, transpose: bool = False) -> jnp.ndarray:
-        conv = nn.ConvTranspose if transpose else nn.Conv
-        pad = k // 2
-        x = conv(
-            self.dim, (k, k), padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype, name=f"{name}_0"
-        )(x)
+        pad = ((k // 2, k // 2),) * 2
+        if transpose and k > 1:
+            x = nn.ConvTranspose(self.dim, (k, k), padding=pad, use_bias=False, dtype=self.dtype, name=f"{name}_0")(x)
+        else:  # a 1x1 transposed convolution is the 1x1 convolution with the same (1, 1, Cin, Cout) kernel
+            x = conv(self.dim, (k, k), padding=pad, use_bias=False, dtype=self.dtype, name=f"{name}_0")(x)
         return nn.relu(batch_norm(train, eps=BN_EPS, dtype=self.dtype, name=f"{name}_1")(x))
 
     @nn.compact

@@ -1,0 +1,325 @@
+"""One attention function for every softmax attention of the package, with a choice of implementation.
+
+    out = softmax(q k^T / sqrt(D) [masked]) [dropout] v      q (B, Tq, H, D), k, v (B, Tk, H, D) -> (B, Tq, H, D)
+
+``implementation`` (``config.model.attention``):
+
+- ``"xla"``: :func:`jax.nn.dot_product_attention` with ``implementation="xla"``: the (B, H, Tq, Tk) scores are
+  materialised. Attention-weight dropout, which ``jax.nn`` does not offer, is applied on the same dense path.
+- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) kernel: NVIDIA GPU,
+  bfloat16 / float16 inputs, head size a multiple of 8 up to 128; no dropout (calls with active dropout take the
+  dense path).
+- ``"chunked"``: :func:`chunked_attention`, query-chunked attention with a recomputing backward pass
+  (FlashAttention-2's, in pure JAX): at most (B, H, Tk, chunk) scores are alive at once, forward or backward,
+  and the backward keeps only q, k, v, the output and two softmax statistics per query (no (Tq, Tk) probabilities).
+- ``"auto"`` (default): cuDNN on a GPU wherever its rules allow, else XLA; on CPU ``"chunked"`` for key
+  sequences of at least :data:`CHUNKED_MIN_KEYS` (DINOv2's 1,029 tokens, the decoder's 1,024 pixels), where it
+  measured 2-3x faster than the dense form forward and backward (README, "Attention"), and XLA for the short
+  word sequences.
+
+Masks follow flax: boolean, broadcastable to (B, H, Tq, Tk), True = attend; a masked score becomes the float
+minimum, so a row with no allowed key attends uniformly (as ``flax.linen.dot_product_attention``). Softmax
+statistics are float32 whatever the input dtype; the output has the query's dtype.
+
+:func:`multi_head_attention` builds ``flax.linen.MultiHeadDotProductAttention`` (parameter names and layout
+unchanged: ``query``/``key``/``value``/``out``) with this function as its ``attention_fn``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+CHUNKED_MIN_KEYS = 128  # CPU "auto": chunked from this many keys on (measured, benchmarks/bench_attention.py)
+DEFAULT_CHUNK = 128  # queries per chunk (CPU optimum of benchmarks/bench_attention.py at DINOv2-B's shape)
+
+
+def _check(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+
+
+def _cudnn_ok(query: Array, key: Array) -> bool:
+    """cuDNN's fused attention rules (jax.nn.dot_product_attention, cuDNN >= 8.9): half precision, D % 8 == 0,
+    D <= 128, same dtypes."""
+    d = query.shape[-1]
+    return (
+        query.dtype in (jnp.bfloat16, jnp.float16)
+        and query.dtype == key.dtype
+        and d % 8 == 0
+        and d <= 128
+    )
+
+
+def resolve(implementation: str, query: Array, key: Array, *, dropout: bool = False) -> str:
+    """The implementation a call runs with: "xla", "cudnn", "chunked" or "dense" (XLA with dropout)."""
+    _check(implementation)
+    backend = jax.default_backend()
+    if implementation == "auto":
+        if backend == "gpu" and not dropout and _cudnn_ok(query, key):
+            return "cudnn"
+        if backend == "cpu" and key.shape[1] >= CHUNKED_MIN_KEYS:
+            return "chunked"
+        implementation = "xla"
+    if implementation == "cudnn":
+        if dropout:
+            return "dense"
+        if backend != "gpu" or not _cudnn_ok(query, key):
+            raise ValueError(
+                f"attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 inputs with a head size that is a "
+                f"multiple of 8 up to 128; got backend {backend!r}, {query.dtype}, head size {query.shape[-1]} "
+                "(use attention='auto' to fall back where it does not apply)"
+            )
+    if implementation == "xla" and dropout:
+        return "dense"
+    return implementation
+
+
+def _big_neg(dtype: Any) -> Array:
+    return jnp.asarray(jnp.finfo(dtype).min, dtype)
+
+
+def keep_mask(rng: Array, rate: float, shape: tuple[int, ...]) -> Array:
+    """Bernoulli(1 - rate) keep mask (bool, ``shape``) for dropout, 16 random bits per entry: each 32-bit word of
+    the PRNG serves two entries (along axis -2), a third of the time of one word per entry on CPU; the drop rate
+    is exact to 2^-16."""
+    rows = shape[-2]
+    words = jax.random.bits(rng, shape[:-2] + (-(-rows // 2), shape[-1]), jnp.uint32)
+    bits = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-2)[..., :rows, :]
+    return bits >= jnp.uint32(min(round(rate * 65536), 65536))
+
+
+def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, rate: float) -> Array:
+    """Materialised attention with weight dropout (flax's dot_product_attention maths, float32 softmax)."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
+                   preferred_element_type=jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, _big_neg(s.dtype))
+    p = jax.nn.softmax(s, axis=-1)
+    if rng is not None and rate > 0.0:
+        p = jnp.where(keep_mask(rng, rate, p.shape), p / (1.0 - rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------ chunked attention
+
+
+def _chunks(x: Array, axis: int, chunk: int) -> Array:
+    """Pads ``axis`` to a multiple of ``chunk`` and moves the chunk index to the front: (n, ..., chunk, ...)."""
+    n = -(-x.shape[axis] // chunk)
+    pad = n * chunk - x.shape[axis]
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=True if x.dtype == jnp.bool_ else 0)
+    x = x.reshape(x.shape[:axis] + (n, chunk) + x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unchunk(x: Array, length: int) -> Array:
+    """(n, B, chunk, ...) -> (B, length, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
+
+
+def _mask_chunks(mask: Array | None, length: int, chunk: int) -> Array | None:
+    """Mask (Bm, Hm, Tm, S), Tm in {1, length} -> per-chunk masks, keys major: (n, Bm, Hm, S, chunk | 1)."""
+    if mask is None:
+        return None
+    if mask.shape[2] == 1:
+        n = -(-length // chunk)
+        return jnp.broadcast_to(jnp.swapaxes(mask, -1, -2)[None], (n,) + mask.shape[:2] + (mask.shape[3], 1))
+    return jnp.swapaxes(_chunks(mask, 2, chunk), -1, -2)
+
+
+def _scores_t(qi: Array, kh: Array, mask_i: Array | None) -> Array:
+    """(B, c, H, D) x (B, H, S, D) -> float32 scores (B, H, S, c) (keys major: the softmax reduces over a major
+    axis, which XLA:CPU vectorises far better than a minor-axis reduction)."""
+    s = jnp.einsum("bqhd,bhkd->bhkq", qi, kh, preferred_element_type=jnp.float32)
+    return s if mask_i is None else jnp.where(mask_i, s, _big_neg(s.dtype))
+
+
+def _drop_chunk(rng: Array | None, rate: float, i: Array, shape: tuple[int, ...]) -> Array | None:
+    return None if rng is None or rate <= 0.0 else keep_mask(jax.random.fold_in(rng, i), rate, shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(q, k, v, mask, rng, rate, chunk):
+    return _chunked_fwd(q, k, v, mask, rng, rate, chunk)[0]
+
+
+def _chunked_fwd(q, k, v, mask, rng, rate, chunk):
+    b, t, h, d = q.shape
+    qs = q * jnp.asarray(d**-0.5, q.dtype)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, H, S, D)
+    masks = _mask_chunks(mask, t, chunk)
+    drop_shape = (b, h, k.shape[1], chunk)
+
+    def one(args):
+        i, qi, mask_i = args
+        s = _scores_t(qi, kh, mask_i)  # (B, H, S, c)
+        m = s.max(axis=2)
+        p = jnp.exp(s - m[:, :, None])
+        denom = p.sum(axis=2)  # (B, H, c)
+        keep = _drop_chunk(rng, rate, i, drop_shape)
+        if keep is not None:
+            p = jnp.where(keep, p / (1.0 - rate), 0.0)
+        o = jnp.einsum("bhkq,bhkd->bqhd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+        o = o / jnp.swapaxes(denom, 1, 2)[..., None]
+        return o.astype(q.dtype), (m, 1.0 / denom)  # not m + log(denom): finfo.min + log(S) rounds to finfo.min
+
+    qc = _chunks(qs, 1, chunk)
+    out, stats = jax.lax.map(one, (jnp.arange(qc.shape[0]), qc, masks))
+    out = _unchunk(out, t)
+    return out, (q, k, v, mask, rng, out, stats)
+
+
+def _chunked_bwd(rate, chunk, res, g):
+    q, k, v, mask, rng, out, (m, inv_denom) = res
+    b, t, h, d = q.shape
+    scale = d**-0.5
+    qs = q * jnp.asarray(scale, q.dtype)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    delta = jnp.einsum("bthd,bthd->bth", out.astype(jnp.float32), g.astype(jnp.float32))  # rowsum(dO * O)
+    masks = _mask_chunks(mask, t, chunk)
+    drop_shape = (b, h, k.shape[1], chunk)
+
+    def one(carry, args):
+        dk, dv = carry
+        i, qi, gi, m_i, inv_i, delta_i, mask_i = args
+        s = _scores_t(qi, kh, mask_i)
+        p = jnp.exp(s - m_i[:, :, None]) * inv_i[:, :, None]  # (B, H, S, c) softmax, recomputed
+        dp = jnp.einsum("bqhd,bhkd->bhkq", gi, vh, preferred_element_type=jnp.float32)
+        keep = _drop_chunk(rng, rate, i, drop_shape)
+        pd = p
+        if keep is not None:
+            pd = jnp.where(keep, p / (1.0 - rate), 0.0)
+            dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+        dv = dv + jnp.einsum("bhkq,bqhd->bhkd", pd.astype(g.dtype), gi, preferred_element_type=jnp.float32)
+        ds = p * (dp - jnp.swapaxes(delta_i, 1, 2)[:, :, None])
+        if mask_i is not None:
+            ds = jnp.where(mask_i, ds, 0.0)
+        ds = ds.astype(q.dtype)
+        dk = dk + jnp.einsum("bhkq,bqhd->bhkd", ds, qi, preferred_element_type=jnp.float32)
+        dq = jnp.einsum("bhkq,bhkd->bqhd", ds, kh, preferred_element_type=jnp.float32) * scale
+        return (dk, dv), dq.astype(q.dtype)
+
+    zeros = jnp.zeros(kh.shape, jnp.float32)
+    qc = _chunks(qs, 1, chunk)
+    xs = (jnp.arange(qc.shape[0]), qc, _chunks(g, 1, chunk), m, inv_denom, _chunks(delta, 1, chunk), masks)
+    (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), xs)
+    dk = jnp.swapaxes(dk, 1, 2).astype(k.dtype)  # d(q_scaled . k)/dk = q_scaled: the scale is in qi
+    dv = jnp.swapaxes(dv, 1, 2).astype(v.dtype)
+    return _unchunk(dq, t), dk, dv, None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Array:
+    """Query-chunked softmax attention, differentiable, with a recomputing (flash-style) backward pass.
+
+    Args:
+      query: (B, Tq, H, D); key, value: (B, Tk, H, D).
+      mask: optional bool, broadcastable to (B, H, Tq, Tk); True = attend.
+      dropout_rng, dropout_rate: dropout on the attention weights (each weight independently); the backward
+        pass regenerates the same keep mask from the key.
+      chunk_size: queries per chunk; the scores alive at once are (B, H, Tk, chunk_size) float32.
+
+    Returns:
+      (B, Tq, H, D) in the query's dtype.
+    """
+    b, t, h, _ = query.shape
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        if mask.shape[-1] != key.shape[1]:
+            mask = jnp.broadcast_to(mask, mask.shape[:-1] + (key.shape[1],))
+        if mask.shape[2] not in (1, t):
+            raise ValueError(f"mask {mask.shape} does not broadcast to (B, H, {t}, {key.shape[1]})")
+    rng = dropout_rng if dropout_rate > 0.0 else None
+    return _chunked(query, key, value, mask, rng, float(dropout_rate), int(min(chunk_size, t)))
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    implementation: str = "auto",
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+) -> Array:
+    """Softmax attention (module docstring): (B, Tq, H, D), (B, Tk, H, D), (B, Tk, H, D) -> (B, Tq, H, D)."""
+    dropout = not deterministic and dropout_rate > 0.0
+    if dropout and dropout_rng is None:
+        raise ValueError("attention dropout needs a dropout_rng")
+    impl = resolve(implementation, query, key, dropout=dropout)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if impl == "chunked":
+        return chunked_attention(query, key, value, mask, dropout_rng=dropout_rng if dropout else None,
+                                 dropout_rate=dropout_rate if dropout else 0.0)
+    if impl == "dense":
+        return _dense(query, key, value, mask, dropout_rng, dropout_rate)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl).astype(query.dtype)
+
+
+def attention_fn(implementation: str = "auto"):
+    """``attention_fn`` for ``flax.linen.MultiHeadDotProductAttention`` running :func:`dot_product_attention`."""
+    _check(implementation)
+
+    def fn(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0, broadcast_dropout=False,
+           deterministic=True, dtype=None, precision=None):
+        del dtype, precision  # the projections have already cast q, k, v
+        if broadcast_dropout and not deterministic and dropout_rate > 0.0:
+            raise ValueError("attention dropout is drawn per weight here: use broadcast_dropout=False")
+        return dot_product_attention(query, key, value, mask, implementation=implementation, dropout_rng=dropout_rng,
+                                     dropout_rate=dropout_rate, deterministic=deterministic)
+
+    return fn
+
+
+def multi_head_attention(
+    num_heads: int,
+    features: int,
+    *,
+    implementation: str = "auto",
+    dropout_rate: float = 0.0,
+    dtype: Any = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> nn.MultiHeadDotProductAttention:
+    """``flax.linen.MultiHeadDotProductAttention`` (q, k, v and output widths ``features``, biases, attention
+    dropout drawn per weight as PyTorch does) running :func:`dot_product_attention` with ``implementation``.
+    Extra keyword arguments (initialisers) go to the flax module."""
+    return nn.MultiHeadDotProductAttention(
+        num_heads=num_heads,
+        qkv_features=features,
+        out_features=features,
+        dropout_rate=dropout_rate,
+        broadcast_dropout=False,
+        dtype=dtype,
+        attention_fn=attention_fn(implementation),
+        name=name,
+        **kwargs,
+    )
