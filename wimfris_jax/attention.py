@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wimfris_jax.layers import keep_mask, remat
+
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
@@ -84,16 +86,6 @@ def resolve(implementation: str, query: Array, key: Array, *, dropout: bool = Fa
 
 def _big_neg(dtype: Any) -> Array:
     return jnp.asarray(jnp.finfo(dtype).min, dtype)
-
-
-def keep_mask(rng: Array, rate: float, shape: tuple[int, ...]) -> Array:
-    """Bernoulli(1 - rate) keep mask (bool, ``shape``) for dropout, 16 random bits per entry: each 32-bit word of
-    the PRNG serves two entries (along axis -2), a third of the time of one word per entry on CPU; the drop rate
-    is exact to 2^-16."""
-    rows = shape[-2]
-    words = jax.random.bits(rng, shape[:-2] + (-(-rows // 2), shape[-1]), jnp.uint32)
-    bits = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-2)[..., :rows, :]
-    return bits >= jnp.uint32(min(round(rate * 65536), 65536))
 
 
 def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, rate: float) -> Array:
@@ -307,12 +299,16 @@ def multi_head_attention(
     dropout_rate: float = 0.0,
     dtype: Any = None,
     name: str | None = None,
+    remat_mode: str = "none",
     **kwargs: Any,
 ) -> nn.MultiHeadDotProductAttention:
     """``flax.linen.MultiHeadDotProductAttention`` (q, k, v and output widths ``features``, biases, attention
-    dropout drawn per weight as PyTorch does) running :func:`dot_product_attention` with ``implementation``.
+    dropout drawn per weight as PyTorch does) running :func:`dot_product_attention` with ``implementation``,
+    rematerialised as ``remat_mode`` (:func:`wimfris_jax.layers.remat`; only for modules without dropout).
     Extra keyword arguments (initialisers) go to the flax module."""
-    return nn.MultiHeadDotProductAttention(
+    if remat_mode != "none" and dropout_rate > 0.0:
+        raise ValueError("rematerialised attention cannot take dropout (a bool argument)")
+    return remat(nn.MultiHeadDotProductAttention, remat_mode)(
         num_heads=num_heads,
         qkv_features=features,
         out_features=features,

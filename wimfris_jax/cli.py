@@ -115,8 +115,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = apply_overrides(load_config(args.config), args.set)
     if args.resume:
         config.train.resume = True
-    model = model_lib.build_model(config.model)
     tc = config.train
+    model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     eval_fn = make_eval_fn(
         config, model, eval_source(config.data, config.data.get("eval_split", "val")),
         batch_size=int(tc.get("eval_batch_size", 0) or tc.global_batch_size), max_examples=tc.get("eval_max_examples"),

@@ -87,7 +87,7 @@ def run_demo(workdir: str = "wimfris_demo", *, quick: bool = False, overrides: S
         raise FileExistsError(f"{workdir} already holds a run; pass --workdir NEW_DIR or remove it")
     config = apply_overrides(demo_config(quick), overrides)
     tc = config.train
-    model = model_lib.build_model(config.model)
+    model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     val = eval_source(config.data, "val")
     eval_bs = int(tc.eval_batch_size)
     print(f"WIMFRIS demo{' (quick)' if quick else ''}: {tc.epochs * tc.steps_per_epoch} steps of batch "

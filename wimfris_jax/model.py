@@ -35,6 +35,7 @@ from wimfris_jax.adapters.msa import MultiScaleAligner
 from wimfris_jax.adapters.mta import MambaTextAdapter
 from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.decoder import Decoder, Projector
+from wimfris_jax.layers import resolve_remat
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window, resolve_window
@@ -140,7 +141,7 @@ class Wimfris(nn.Module):
         return out
 
 
-def _backbones(cfg: Any, dtype: Any = None) -> tuple[nn.Module, nn.Module]:
+def _backbones(cfg: Any, dtype: Any = None, remat_mode: str = "none") -> tuple[nn.Module, nn.Module]:
     from wimfris_jax.backbones.clip_text import ClipText
     from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
 
@@ -150,7 +151,8 @@ def _backbones(cfg: Any, dtype: Any = None) -> tuple[nn.Module, nn.Module]:
     preset = vision_kw.pop("preset", None)
     if preset is not None:
         vision_kw = {**dinov2_config(preset), **vision_kw}
-    return ClipText(dtype=dtype, attention=attention, **text_kw), DinoV2(dtype=dtype, attention=attention, **vision_kw)
+    common = dict(dtype=dtype, attention=attention, remat_mode=remat_mode)
+    return ClipText(**common, **text_kw), DinoV2(**common, **vision_kw)
 
 
 def _attention(cfg: Any) -> str:
@@ -205,16 +207,20 @@ def _adapter_config(cfg: Any, text_width: int, dtype: Any) -> tuple[tuple, dict,
     raise ValueError(f"config.model.adapter_kind={kind!r}: choose one of {sorted(ADAPTER_NAMES)}")
 
 
-def build_model(model_config: Any, dtype: Any = None) -> Wimfris:
+def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> Wimfris:
     """The Wimfris module for ``config.model`` (an ml_collections ConfigDict or a mapping with the same keys).
 
-    ``dtype``: computation dtype of the trainable parts (None: float32); parameters stay float32. Adapter
+    ``dtype``: computation dtype of the trainable parts (None: float32); parameters stay float32.
+    ``remat_mode``: rematerialisation of the backbone blocks' attention and MLP, the WMF's Mamba, the decoder
+    layers and the projector's visual path,
+    "auto" | "none" | "block" | "dots" (:func:`wimfris_jax.layers.remat`; training passes ``train.remat``). Adapter
     switches: ``use_mta`` / ``use_msa`` (Table 3b), ``msa.emphasis`` (EP), ``msa.kernels`` (Table 4),
     ``mta_layers`` / ``msa_layers`` (Table 5), ``neck.kind`` and ``neck.window`` (Tables 1, 3a);
     ``adapter_kind="detris"`` with ``text_adapter`` / ``vision_adapter`` builds DETRIS (configs/detris_b.py).
     """
     cfg = model_config
-    text, vision = _backbones(cfg, dtype)
+    remat_mode = resolve_remat(remat_mode)
+    text, vision = _backbones(cfg, dtype, remat_mode)
     text_layers, text_kwargs, text_scale, vision_layers, vision_kwargs = _adapter_config(cfg, text.width, dtype)
     _check(cfg, text, vision, text_layers, vision_layers)
     neck_cfg = dict(cfg.neck)
@@ -222,6 +228,7 @@ def build_model(model_config: Any, dtype: Any = None) -> Wimfris:
     wmf = None
     if kind == "hmf":
         wmf = {**dict(cfg.mamba), **neck_cfg.pop("wmf", {}), "window": normalize_window(neck_cfg.pop("window", 4))}
+        wmf["remat_mode"] = remat_mode
     else:
         neck_cfg.pop("wmf", None)
         neck_cfg.pop("window", None)
@@ -230,8 +237,8 @@ def build_model(model_config: Any, dtype: Any = None) -> Wimfris:
         text_encoder=text,
         image_encoder=vision,
         neck=neck,
-        decoder=Decoder(dtype=dtype, attention=_attention(cfg), **dict(cfg.decoder)),
-        projector=Projector(word_dim=text.proj_dim, in_dim=dim, dtype=dtype),
+        decoder=Decoder(dtype=dtype, attention=_attention(cfg), remat_mode=remat_mode, **dict(cfg.decoder)),
+        projector=Projector(word_dim=text.proj_dim, in_dim=dim, dtype=dtype, remat_mode=remat_mode),
         neck_taps=tuple(cfg.neck_taps),
         adapter_kind=cfg.get("adapter_kind", "wimfris"),
         text_layers=text_layers,

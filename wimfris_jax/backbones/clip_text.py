@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.backbones.vit import Adapter, Adapters, Array, Mlp, cast, layer_norm, quick_gelu, self_attention
+from wimfris_jax.layers import remat
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -31,14 +32,15 @@ class ResidualAttentionBlock(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     attention: str = "auto"
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, adapter: Adapter | None = None) -> Array:
         w = x.shape[-1]
-        x = x + self_attention(self.num_heads, w, self.dtype, name="attn", attention=self.attention)(
+        x = x + self_attention(self.num_heads, w, self.dtype, "attn", self.attention, self.remat_mode)(
             layer_norm(self.ln_eps, self.dtype, "ln_1")(x), mask=mask
         )
-        y = Mlp(int(w * self.mlp_ratio), quick_gelu, self.dtype, name="mlp")(
+        y = remat(Mlp, self.remat_mode)(int(w * self.mlp_ratio), quick_gelu, self.dtype, name="mlp")(
             layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
         )
         if adapter is not None:
@@ -57,6 +59,7 @@ class ClipText(nn.Module):
       ln_eps: LayerNorm epsilon.
       dtype: computation dtype (None: float32); parameters stay float32.
       attention: attention implementation (:mod:`wimfris_jax.attention`).
+      remat_mode: rematerialisation of each block's attention and MLP (:func:`wimfris_jax.layers.remat`).
     """
 
     vocab_size: int = 49408
@@ -69,6 +72,7 @@ class ClipText(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = None
     attention: str = "auto"
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, ids: Array, adapters: Adapters | None = None) -> dict[str, Any]:
@@ -95,7 +99,13 @@ class ClipText(nn.Module):
         hidden = [x]
         for i in range(self.depth):
             blk = ResidualAttentionBlock(
-                self.num_heads, self.mlp_ratio, self.ln_eps, self.dtype, self.attention, name=f"blocks_{i}"
+                self.num_heads,
+                self.mlp_ratio,
+                self.ln_eps,
+                self.dtype,
+                self.attention,
+                self.remat_mode,
+                name=f"blocks_{i}",
             )
             x = blk(x, mask, adapters.get(i))
             hidden.append(x)

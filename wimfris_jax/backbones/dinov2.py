@@ -26,7 +26,7 @@ import numpy as np
 from wimfris_jax.backbones import vit
 from wimfris_jax.backbones.vit import Adapter, Adapters, Array, cast, layer_norm
 from wimfris_jax.interpolate import resize_2d, resize_matrix
-from wimfris_jax.layers import fusion_barrier
+from wimfris_jax.layers import fusion_barrier, remat
 
 INTERPOLATIONS = ("torchhub", "hf", "hf_antialias")
 
@@ -114,6 +114,7 @@ class Block(nn.Module):
     ln_eps: float = 1e-6
     dtype: Any = None
     attention: str = "auto"
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, adapter: Adapter | None = None) -> Array:
@@ -122,15 +123,15 @@ class Block(nn.Module):
         def scale(name: str, y: Array) -> Array:
             return y * cast(self.param(name, nn.initializers.ones, (c,)), self.dtype) if self.layerscale else y
 
-        y = vit.self_attention(self.num_heads, c, self.dtype, name="attn", attention=self.attention)(
+        y = vit.self_attention(self.num_heads, c, self.dtype, "attn", self.attention, self.remat_mode)(
             layer_norm(self.ln_eps, self.dtype, "norm1")(x)
         )
         x = x + scale("ls1", y)
         n2 = layer_norm(self.ln_eps, self.dtype, "norm2")(x)
         if self.ffn == "swiglu":
-            y = vit.SwiGLU(vit.swiglu_hidden(c, self.mlp_ratio), self.dtype, name="mlp")(n2)
+            y = remat(vit.SwiGLU, self.remat_mode)(vit.swiglu_hidden(c, self.mlp_ratio), self.dtype, name="mlp")(n2)
         elif self.ffn == "mlp":
-            y = vit.Mlp(int(c * self.mlp_ratio), vit.gelu_exact, self.dtype, name="mlp")(n2)
+            y = remat(vit.Mlp, self.remat_mode)(int(c * self.mlp_ratio), vit.gelu_exact, self.dtype, name="mlp")(n2)
         else:
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
         if adapter is not None:
@@ -152,6 +153,8 @@ class DinoV2(nn.Module):
         "hf_antialias" — the rule of the checkpoint's source (see :func:`pos_embed_matrices`).
       dtype: computation dtype (None: float32); parameters stay float32.
       attention: attention implementation, "auto" | "xla" | "cudnn" | "chunked" (:mod:`wimfris_jax.attention`).
+      remat_mode: rematerialisation of each block's attention and MLP, "none" | "block" | "dots"
+        (:func:`wimfris_jax.layers.remat`).
     """
 
     width: int = 768
@@ -167,6 +170,7 @@ class DinoV2(nn.Module):
     ffn: str = "mlp"
     dtype: Any = None
     attention: str = "auto"
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, images: Array, adapters: Adapters | None = None) -> dict[str, Any]:
@@ -210,6 +214,7 @@ class DinoV2(nn.Module):
                 self.ln_eps,
                 self.dtype,
                 self.attention,
+                self.remat_mode,
                 name=f"blocks_{i}",
             )
             x = fusion_barrier(blk(x, adapters.get(i)))

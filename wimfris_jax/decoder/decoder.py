@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
 from wimfris_jax.decoder.position import pos1d, pos2d
+from wimfris_jax.layers import Dropout, remat
 
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used throughout DETRIS's decoder
 
@@ -65,7 +66,7 @@ class DecoderLayer(nn.Module):
             )
 
         def drop(x: jnp.ndarray) -> jnp.ndarray:
-            return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+            return Dropout(self.dropout)(x, deterministic=deterministic)
 
         v2 = ln("norm1")(vis)
         qk = v2 + vis_pos
@@ -91,6 +92,7 @@ class Decoder(nn.Module):
       num_layers, d_model, num_heads, dim_ffn, dropout: DETRIS's values are 3, 512, 8, 512, 0.1.
       dtype: computation dtype (None: the inputs' / float32); parameters stay float32.
       attention: attention implementation (:mod:`wimfris_jax.attention`).
+      remat_mode: rematerialisation of each layer (:func:`wimfris_jax.layers.remat`).
     """
 
     num_layers: int = 3
@@ -100,6 +102,7 @@ class Decoder(nn.Module):
     dropout: float = 0.1
     dtype: Any = None
     attention: str = "auto"
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(
@@ -131,6 +134,7 @@ class Decoder(nn.Module):
             layer = DecoderLayer(
                 self.d_model, self.num_heads, self.dim_ffn, self.dropout, self.dtype, self.attention, name=f"layers_{i}"
             )
-            x = layer(x, words, vis_pos, word_pos, attend, deterministic=deterministic)
+            run = remat(lambda mdl, *args: mdl(*args, deterministic=deterministic), self.remat_mode)
+            x = run(layer, x, words, vis_pos, word_pos, attend)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(x)
         return x.reshape(b, h, w, c)

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.interpolate import resize_2d, resize_matrix
-from wimfris_jax.layers import batch_norm, conv
+from wimfris_jax.layers import batch_norm, conv, remat
 
 BN_EPS = 1e-5
 
@@ -77,12 +77,15 @@ class Projector(nn.Module):
       in_dim: width of the decoder output (512); the pixel features are in_dim // 2 wide.
       kernel_size: size of the text-generated kernel (3).
       dtype: computation dtype (None: inputs' / float32).
+      remat_mode: rematerialisation of the visual path (:func:`wimfris_jax.layers.remat`): at 4x the feature
+        grid it holds the largest activations of the model (1 GiB per float32 map at batch 32, 448 px).
     """
 
     word_dim: int = 512
     in_dim: int = 512
     kernel_size: int = 3
     dtype: Any = None
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, state: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -108,9 +111,12 @@ class Projector(nn.Module):
             y = conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name=f"vis_{idx}_0")(y)
             return nn.relu(batch_norm(train, eps=BN_EPS, dtype=self.dtype, name=f"vis_{idx}_1")(y))
 
-        y = conv_bn_relu(upsample2x(x), self.in_dim, 1)
-        y = conv_bn_relu(upsample2x(y), mid, 3)
-        y = conv(mid, (1, 1), dtype=self.dtype, name="vis_4")(y)  # (B, 4H, 4W, mid)
+        def visual(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+            y = conv_bn_relu(upsample2x(x), self.in_dim, 1)
+            y = conv_bn_relu(upsample2x(y), mid, 3)
+            return conv(mid, (1, 1), dtype=self.dtype, name="vis_4")(y)  # (B, 4H, 4W, mid)
+
+        y = remat(visual, self.remat_mode)(self, x)
 
         t = nn.Dense(mid * k * k + 1, dtype=self.dtype, name="txt")(state)  # (B, mid*k*k + 1)
         kernel = t[:, :-1].reshape(-1, mid, k, k)

@@ -41,6 +41,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.layers import remat
 from wimfris_jax.ssm.mamba import Mamba
 
 
@@ -98,6 +99,7 @@ class WindowMambaFuser(nn.Module):
       gate_heads: heads of the attentional gate (C must be divisible by it).
       d_state, d_conv, expand, scan_impl: Mamba sizes and scan implementation.
       dtype: computation dtype (None: float32).
+      remat_mode: rematerialisation of the Mamba (:func:`wimfris_jax.layers.remat`).
     """
 
     window: int | tuple[int, int] | None = 4
@@ -107,6 +109,7 @@ class WindowMambaFuser(nn.Module):
     expand: int = 2
     scan_impl: str | None = None
     dtype: Any = None
+    remat_mode: str = "none"
 
     @nn.compact
     def __call__(self, f: jnp.ndarray, cls: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -133,7 +136,7 @@ class WindowMambaFuser(nn.Module):
         seq = jnp.concatenate([tok, win, tok], axis=2).reshape(b * n, m + 2, c)
 
         seq = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(seq)
-        y = Mamba(
+        y = remat(Mamba, self.remat_mode)(
             d_model=c,
             d_state=self.d_state,
             d_conv=self.d_conv,

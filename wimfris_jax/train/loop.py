@@ -56,7 +56,7 @@ def train(
     """Trains for ``epochs * steps_per_epoch`` steps in total (resuming from ``workdir`` if asked); returns the state.
 
     Args:
-      model: flax module (default ``wimfris_jax.model.build_model(config.model)``).
+      model: flax module (default ``wimfris_jax.model.build_model(config.model, remat_mode=config.train.remat)``).
       loss_fn: ``(outputs, mask) -> (loss, aux)`` (default ``wimfris_jax.model.loss_fn`` bound to config.model).
       train_source: random-access source of raw examples (default from config.data, see build_train_source).
       eval_fn: ``state -> {"mIoU": ..., ...}`` run every eval_every steps and at the end; ranks ``best/``.
@@ -71,7 +71,7 @@ def train(
     if model is None or loss_fn is None:
         from wimfris_jax import model as model_lib
 
-        model = model if model is not None else model_lib.build_model(config.model)
+        model = model if model is not None else model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
         loss_fn = loss_fn if loss_fn is not None else functools.partial(model_lib.loss_fn, config.model)
     source = train_source if train_source is not None else build_train_source(config.data)
     transform = transform if transform is not None else default_train_transform(config.data)

@@ -93,15 +93,37 @@ def init_train_state(
     pretrained variables). It runs under ``jax.jit`` with the target out-shardings, so a model too big for one
     device is never materialised whole. ``seed`` gives the init key and the training key (independent).
     """
+    build, init_rng = _builder(init_fn, tx, trainable, seed)
+    _, shardings = train_state_shapes(init_fn, tx, trainable, seed, mesh, fsdp=fsdp, fsdp_min_size=fsdp_min_size)
+    state = jax.jit(build, out_shardings=shardings)(init_rng)
+    return state, shardings
+
+
+def _builder(init_fn: Callable, tx: optax.GradientTransformation, trainable: Sequence[str], seed: int):
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
 
     def build(key: jax.Array) -> TrainState:
         return create_train_state(init_fn(key), tx, trainable, train_rng)
 
-    abstract = jax.eval_shape(build, init_rng)
-    shardings = sharding.tree_shardings(abstract, mesh, fsdp=fsdp, min_size=fsdp_min_size)
-    state = jax.jit(build, out_shardings=shardings)(init_rng)
-    return state, shardings
+    return build, init_rng
+
+
+def train_state_shapes(
+    init_fn: Callable[[jax.Array], Mapping[str, Any]],
+    tx: optax.GradientTransformation,
+    trainable: Sequence[str],
+    seed: int,
+    mesh: Mesh,
+    *,
+    fsdp: bool = False,
+    fsdp_min_size: int = sharding.DEFAULT_FSDP_MIN_SIZE,
+) -> tuple[TrainState, Any]:
+    """``(abstract state, state_shardings)`` of :func:`init_train_state`, nothing allocated: the state as
+    ``jax.ShapeDtypeStruct`` leaves carrying their shardings (to compile a step without building the state)."""
+    build, init_rng = _builder(init_fn, tx, trainable, seed)
+    shapes = jax.eval_shape(build, init_rng)
+    shardings = sharding.tree_shardings(shapes, mesh, fsdp=fsdp, min_size=fsdp_min_size)
+    return abstract_state(shapes, shardings), shardings
 
 
 def abstract_state(state_or_shapes: Any, shardings: Any) -> Any:
