@@ -12,13 +12,15 @@ Peak memory is the memory a call needs beyond its (already allocated) inputs:
   resident size just before the first call, measured in a fresh subprocess per shape and pass (allocator
   caches of earlier cases cannot hide it). Linux only; "n/a" elsewhere.
 
-PyTorch runs with ``torch.set_num_threads(--torch-threads)``, default 1: on a busy 2-core machine OpenMP's
-spin-waiting made 2 threads up to 100x slower than 1 (16 ms vs 1.5 s fwd+bwd at the MTA shape); XLA:CPU
-keeps its default thread pool.
+PyTorch runs with ``torch.set_num_threads(--torch-threads)``, default every core, as XLA:CPU's thread pool
+(both frameworks get the same machine; on a *busy* machine OpenMP's spin-waiting can make several torch threads
+slower than one, so pass ``--torch-threads 1`` to see that case).
 
 ``sequential (no remat)`` is ``sequential`` with the chunked ``jax.checkpoint`` turned off
-(``scan.SEQ_CHUNK = 0``); it is the measurement behind that choice. Run on the target accelerator to check
-the backend default of :func:`wimfris_jax.ssm.scan.default_impl` (CPU: "sequential"; GPU/TPU: "associative").
+(``scan.SEQ_CHUNK = 0``); ``unrolled`` is the step fully unrolled (``lax.scan(..., unroll=L)``). These rows are
+the measurements behind :func:`wimfris_jax.ssm.scan.default_impl` (CPU: "unrolled" for short sequences with a
+small state, else "sequential"; GPU/TPU: "associative", unmeasured: run this, or benchmarks/device_check.py, on
+the device).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ QUICK = [
     ("MTA  (L=17)", (2, 17, 336, 16)),
     ("long (L=257)", (2, 257, 256, 16)),
 ]
-JAX_IMPLS = ("associative", "sequential", "sequential (no remat)")
+JAX_IMPLS = ("associative", "sequential", "sequential (no remat)", "unrolled")
 BUDGET_S = 20.0  # per timed cell; a cell that needs more reports fewer runs (marked * in the table)
 
 
@@ -94,7 +96,7 @@ def bench_jax(shape: tuple[int, int, int, int], impl: str, repeats: int) -> dict
 
     x = {k: jnp.asarray(v) for k, v in _inputs(*shape).items()}
     w = jnp.asarray(np.random.default_rng(1).normal(size=shape[:3]).astype(np.float32))
-    base = "sequential" if impl.startswith("sequential") else impl
+    base = "sequential" if impl.startswith("sequential") else impl  # associative | sequential | unrolled
 
     def fwd(a):
         return selective_scan(**a, delta_softplus=True, impl=base)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 5, quick 3)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     ap.add_argument(
-        "--torch-threads", type=int, default=1, help="torch.set_num_threads for the reference (default 1, see above)"
+        "--torch-threads", type=int, default=os.cpu_count(), help="torch threads (default: every core, as XLA)"
     )
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The selective scan: both implementations against a float64 loop of selective_scan_ref, against each other
+"""The selective scan: the three implementations against a float64 loop of selective_scan_ref, against each other
 (values and gradients), causality, the chunked sequential path, and finiteness for long sequences and huge
 time steps."""
 
@@ -10,7 +10,7 @@ import pytest
 from wimfris_jax.ssm import default_impl, selective_scan
 from wimfris_jax.ssm import scan as scan_mod
 
-IMPLS = ("associative", "sequential")
+IMPLS = ("associative", "sequential", "unrolled")
 
 
 def _inputs(b=2, length=9, d=6, n=5, seed=0):
@@ -69,12 +69,14 @@ def _grads(x, impl):
 @pytest.mark.parametrize("length", [2, 150])  # 2: plain lax.scan; 150: 11 remat'd chunks of 13 steps + 7
 def test_impls_agree_values_and_gradients(length):
     x = _inputs(b=2, length=length, d=4, n=3, seed=1)
-    (va, ga), (vs, gs) = _grads(x, "associative"), _grads(x, "sequential")
-    np.testing.assert_allclose(float(va), float(vs), rtol=1e-5)
-    for k in x:
-        scale = max(1.0, float(jnp.max(jnp.abs(ga[k]))))
-        np.testing.assert_allclose(np.asarray(gs[k]), np.asarray(ga[k]), atol=1e-5 * scale, err_msg=k)
-        assert float(jnp.max(jnp.abs(ga[k]))) > 0, f"gradient w.r.t. {k} vanished"
+    va, ga = _grads(x, "associative")
+    for impl in ("sequential", "unrolled"):
+        vs, gs = _grads(x, impl)
+        np.testing.assert_allclose(float(va), float(vs), rtol=1e-5, err_msg=impl)
+        for k in x:
+            scale = max(1.0, float(jnp.max(jnp.abs(ga[k]))))
+            np.testing.assert_allclose(np.asarray(gs[k]), np.asarray(ga[k]), atol=1e-5 * scale, err_msg=f"{impl} {k}")
+            assert float(jnp.max(jnp.abs(ga[k]))) > 0, f"gradient w.r.t. {k} vanished"
 
 
 def test_chunked_sequential_matches_unchunked():
@@ -130,3 +132,7 @@ def test_dtype_and_errors():
     with pytest.raises(ValueError, match=r"B must have shape \(2, 9, 5\), got \(2, 9, 4\)"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"][..., :4], x["C"])
     assert default_impl("cpu") == "sequential" and default_impl("gpu") == default_impl("tpu") == "associative"
+    assert default_impl("cpu", 17, 2 * 336 * 16) == "unrolled"  # the MTA
+    assert default_impl("cpu", 18, 128 * 1024 * 16) == "sequential"  # the WMF at batch 2
+    assert default_impl("cpu", 1025, 1024) == "sequential"
+    assert default_impl("gpu", 17, 2 * 336 * 16) == "associative"

@@ -14,8 +14,8 @@
   and the backward keeps only q, k, v, the output and two softmax statistics per query (no (Tq, Tk) probabilities).
 - ``"auto"`` (default): cuDNN on a GPU wherever its rules allow, else XLA; on CPU ``"chunked"`` for key
   sequences of at least :data:`CHUNKED_MIN_KEYS` (DINOv2's 1,029 tokens, the decoder's 1,024 pixels), where it
-  measured 2-3x faster than the dense form forward and backward (README, "Attention"), and XLA for the short
-  word sequences.
+  measured 2-3x faster than the dense form forward and backward and on par with PyTorch's fused CPU kernel
+  (README, "Attention"), and XLA for the short word sequences.
 
 Masks follow flax: boolean, broadcastable to (B, H, Tq, Tk), True = attend; a masked score becomes the float
 minimum, so a row with no allowed key attends uniformly (as ``flax.linen.dot_product_attention``). Softmax
@@ -39,8 +39,10 @@ from wimfris_jax.layers import keep_mask, remat
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
-CHUNKED_MIN_KEYS = 128  # CPU "auto": chunked from this many keys on (measured, benchmarks/bench_attention.py)
-DEFAULT_CHUNK = 128  # queries per chunk (CPU optimum of benchmarks/bench_attention.py at DINOv2-B's shape)
+# CPU "auto": chunked from this many keys on. benchmarks/bench_attention.py, fwd+bwd: at 128 keys XLA's dense
+# form is ahead (12 vs 15 ms), at 256 the chunked one (23 vs 59 ms), at 1,029 by 2.5-2.9x.
+CHUNKED_MIN_KEYS = 256
+DEFAULT_CHUNK = 128  # queries per chunk: the CPU optimum of 64 / 128 / 256 in benchmarks/bench_attention.py
 
 
 def _check(implementation: str) -> None:

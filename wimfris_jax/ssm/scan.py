@@ -7,7 +7,7 @@ Semantics are those of mamba_ssm's ``selective_scan_ref`` (and of transformers' 
     y_t   = <C_t, h_t> + D * u_t
     y     = y * SiLU(z)                                           (if z is given)
 
-Two implementations compute the same recurrence:
+Three implementations compute the same recurrence:
 
 * ``"associative"``: ``lax.associative_scan`` over the pairs ``(a_t, b_t) = (exp(delta_t A), delta_t B_t u_t)``
   with the combine ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``: O(log L) depth, but it materialises
@@ -19,11 +19,16 @@ Two implementations compute the same recurrence:
   2-core CPU (benchmarks/bench_scan.py): fwd+bwd memory 600 -> 281 MiB at the WMF shape (128, 18, 1024, 16)
   for +8% time, and 253 -> 43 MiB at (2, 1025, 512, 16) while 20% faster; the forward alone is slower at
   short L (72 vs 39 ms at the WMF shape).
+* ``"unrolled"``: the sequential step as an unrolled ``lax.scan`` (fully up to :data:`MAX_UNROLL` steps, in
+  blocks of that many beyond; no rematerialisation):
+  for the MTA's short sequences (17-22 words, a (2, 336, 16) state) it removes the per-step loop overhead that
+  dominates there; its backward stores all L states, so it is kept for small states.
 
-``impl=None`` picks :func:`default_impl`: ``"sequential"`` on CPU, where it was measured faster (WMF shape:
-3.2x forward, 2.2x forward+backward, 7x less memory; L=1025: 5.9x / 2.5x), and ``"associative"`` on GPU/TPU
-*by design, unmeasured here* (no accelerator was available); run ``python -m benchmarks.bench_scan`` on the
-target device to check.
+``impl=None`` picks :func:`default_impl` from the backend and the shape, by measurement on CPU
+(``python -m benchmarks.bench_scan``, README "Selective scan"): ``"unrolled"`` for short sequences with a small
+state (the MTA), ``"sequential"`` otherwise (the WMF's 128 x 18 x 1024 x 16 scan: 4x faster forward and
+backward than associative, 7x less memory; L = 1025 likewise); on GPU/TPU ``"associative"`` *by design,
+unmeasured here* (no accelerator has been lent yet): ``benchmarks/device_check.py`` measures all three there.
 
 Numerics: everything is computed in float32 and the result is cast back to ``u.dtype``. ``softplus`` is the
 overflow-free ``logaddexp(x, 0)``. The log-decay ``delta * A`` is clamped to <= 0, so ``exp`` can never
@@ -40,17 +45,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl = Literal["associative", "sequential"]
-IMPLS: tuple[str, ...] = ("associative", "sequential")
+Impl = Literal["associative", "sequential", "unrolled"]
+IMPLS: tuple[str, ...] = ("associative", "sequential", "unrolled")
 # Time steps per rematerialised chunk of the sequential scan's backward pass: None = ceil(sqrt(L)), which
 # minimises the O(L / K + K) residuals; 0 = no rematerialisation (all L states are stored for the backward).
 SEQ_CHUNK: int | None = None
 
 
-def default_impl(backend: str | None = None) -> str:
-    """``"sequential"`` on CPU (measured), ``"associative"`` elsewhere (GPU/TPU: by design, unmeasured)."""
+MAX_UNROLL = 64  # "unrolled" unrolls at most this many steps per loop iteration (compile time grows with it)
+UNROLL_MAX_LENGTH = 32  # CPU default "unrolled" up to this many steps ...
+UNROLL_MAX_STATE = 2**16  # ... and this many state entries B * D * N (MTA: 10,752; WMF at batch 2: 2,097,152)
+
+
+def default_impl(backend: str | None = None, length: int | None = None, state_size: int | None = None) -> str:
+    """The scan for a backend and a problem: on CPU (measured) ``"unrolled"`` when ``length`` <=
+    :data:`UNROLL_MAX_LENGTH` and ``state_size`` (B * D * N) <= :data:`UNROLL_MAX_STATE`, else ``"sequential"``;
+    ``"associative"`` on GPU/TPU (by design, unmeasured)."""
     backend = backend or jax.default_backend()
-    return "sequential" if backend == "cpu" else "associative"
+    if backend != "cpu":
+        return "associative"
+    short = length is not None and length <= UNROLL_MAX_LENGTH
+    small = state_size is not None and state_size <= UNROLL_MAX_STATE
+    return "unrolled" if short and small else "sequential"
 
 
 def _log_decay(delta: jnp.ndarray, A: jnp.ndarray) -> jnp.ndarray:
@@ -74,13 +90,14 @@ def _scan_associative(u, delta, A, B, C) -> jnp.ndarray:
     return jnp.sum(h * C[:, :, None, :], axis=-1)
 
 
-def _scan_sequential(u, delta, A, B, C, chunk: int | None = None) -> jnp.ndarray:
+def _scan_sequential(u, delta, A, B, C, chunk: int | None = None, unroll: bool = False) -> jnp.ndarray:
     """Same contract as :func:`_scan_associative`; never holds a (B, L, D, N) tensor in the forward pass.
 
     ``chunk``: time steps per rematerialised chunk (None: :data:`SEQ_CHUNK`; 0: plain ``lax.scan``).
+    ``unroll``: one fully unrolled ``lax.scan`` instead (no loop, no rematerialisation: XLA sees all L steps).
     """
     bsz, length, d = u.shape
-    chunk = SEQ_CHUNK if chunk is None else chunk
+    chunk = 0 if unroll else SEQ_CHUNK if chunk is None else chunk
     chunk = math.ceil(math.sqrt(length)) if chunk is None else chunk
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C))  # time-major: (L, B, D) / (L, B, N)
 
@@ -91,7 +108,7 @@ def _scan_sequential(u, delta, A, B, C, chunk: int | None = None) -> jnp.ndarray
 
     h0 = jnp.zeros((bsz, d, A.shape[1]), jnp.float32)
     if chunk <= 0 or length <= chunk:
-        _, y = lax.scan(step, h0, xs)
+        _, y = lax.scan(step, h0, xs, unroll=min(length, MAX_UNROLL) if unroll else 1)
         return jnp.swapaxes(y, 0, 1)
 
     @jax.checkpoint
@@ -133,17 +150,17 @@ def selective_scan(
       z: (B, L, D) gate, or None; the output is multiplied by SiLU(z).
       delta_bias: (D,) added to ``delta`` before the softplus, or None.
       delta_softplus: apply softplus to ``delta`` (after ``delta_bias``).
-      impl: ``"associative"``, ``"sequential"`` or None (:func:`default_impl`).
+      impl: ``"associative"``, ``"sequential"``, ``"unrolled"`` or None (:func:`default_impl`).
 
     Returns:
       y: (B, L, D), in ``u.dtype``.
     """
-    impl = default_impl() if impl is None else impl
-    if impl not in IMPLS:
-        raise ValueError(f"selective_scan: impl must be one of {IMPLS} or None, got {impl!r}")
     if u.ndim != 3:
         raise ValueError(f"selective_scan: u must be (B, L, D), got shape {u.shape}")
     bsz, length, d = u.shape
+    impl = default_impl(length=length, state_size=bsz * d * A.shape[-1]) if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"selective_scan: impl must be one of {IMPLS} or None, got {impl!r}")
     if A.ndim != 2 or A.shape[0] != d:
         raise ValueError(f"selective_scan: A must be (D={d}, N), got shape {A.shape}")
     n = A.shape[1]
@@ -162,7 +179,7 @@ def selective_scan(
     if impl == "associative":
         y = _scan_associative(u32, delta, A, B, C)
     else:
-        y = _scan_sequential(u32, delta, A, B, C)
+        y = _scan_sequential(u32, delta, A, B, C, unroll=impl == "unrolled")
     if D is not None:
         y = y + u32 * f32(D)
     if z is not None:

@@ -32,7 +32,8 @@ LossFn = Callable[[Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _cast_floats(tree: Any, dtype: Any) -> Any:
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """Floating leaves of ``tree`` cast to ``dtype``; other leaves unchanged."""
     return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
@@ -58,7 +59,7 @@ def make_train_step(
 
         def loss_of(params: Any) -> tuple[jax.Array, tuple[Mapping[str, jax.Array], Any]]:
             all_params = freeze.merge(params, state.frozen)
-            variables = {"params": _cast_floats(all_params, cdtype)}
+            variables = {"params": cast_floats(all_params, cdtype)}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
             outputs, updates = model.apply(
@@ -69,7 +70,7 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
                 mutable=["batch_stats"],
             )
-            outputs = _cast_floats(outputs, jnp.float32)
+            outputs = cast_floats(outputs, jnp.float32)
             loss, aux = loss_fn(outputs, batch["mask"].astype(jnp.float32))
             return loss.astype(jnp.float32), (aux, updates.get("batch_stats", {}))
 

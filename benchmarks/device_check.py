@@ -1,0 +1,271 @@
+"""One-shot accelerator check: one table, one JSON, under 8 minutes on one GPU.
+
+    python benchmarks/device_check.py                       # on the GPU/TPU host; writes device_check.json
+    python benchmarks/device_check.py --smoke               # tiny sizes on CPU in seconds (the test suite runs it)
+
+Sections (each timed after compilation, each guarded: an error or an exhausted ``--budget-s`` is recorded in the
+JSON and the run goes on):
+
+1. ``scan``: :func:`wimfris_jax.ssm.selective_scan`, every implementation, forward and forward+backward, at the
+   MTA (2, 17, 336, 16) and WMF (128, 18, 1024, 16) shapes -- the measurement behind the scan's backend default.
+2. ``attention``: DINOv2-B/14-reg4 forward at 448 px, batch 32, bfloat16, for each attention implementation
+   (xla, cudnn, chunked; :mod:`wimfris_jax.attention`).
+3. ``train``: the WIMFRIS-B and DETRIS-B train step at global batch 32, bfloat16, ``train.remat="auto"``: ms/step,
+   images/s, XLA's compiled peak memory, achieved TFLOP/s (XLA's FLOP count) and MFU against the data-sheet peak.
+4. ``eval``: the evaluation forward of both models at batch 32, bfloat16: images/s.
+
+``--smoke`` runs the same code at tiny sizes (configs/tiny.py cut to 2 blocks and a DETRIS of the same sizes,
+2 images, small scans; XLA's backend optimisation off) so that the script cannot rot between device loans:
+tests/test_benchmarks.py runs it (about a minute on 2 CPU cores, nearly all of it compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.bench_scan import _inputs as scan_inputs  # noqa: E402
+from benchmarks.bench_train import PEAK_TFLOPS, peak_bytes, random_batch  # noqa: E402
+from wimfris_jax import model as model_lib  # noqa: E402
+from wimfris_jax.attention import IMPLEMENTATIONS  # noqa: E402
+from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config  # noqa: E402
+from wimfris_jax.ssm import scan as scan_lib  # noqa: E402
+from wimfris_jax.summary import load_config  # noqa: E402
+from wimfris_jax.train import optim, sharding  # noqa: E402
+from wimfris_jax.train.state import init_train_state, init_variables  # noqa: E402
+from wimfris_jax.train.step import cast_floats, jit_train_step, make_train_step  # noqa: E402
+
+SCAN_SHAPES = {"MTA": (2, 17, 336, 16), "WMF": (128, 18, 1024, 16)}
+SMOKE_SCAN_SHAPES = {"MTA": (2, 17, 32, 4), "WMF": (8, 18, 64, 4)}
+MODELS = {"WIMFRIS-B": "configs/wimfris_b.py", "DETRIS-B": "configs/detris_b.py"}
+
+
+def timed(fn: Callable, *args: object, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn(*args)`` (waited for) after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def data_sheet_peak(dtype: str) -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, (bf16, fp32) in PEAK_TFLOPS.items():
+        if name in kind:
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def smoke_config(name: str):
+    """configs/tiny.py cut to 2 blocks per backbone and 1 adapter each (WIMFRIS), and DETRIS-B's config at the
+    same sizes: every part of the real models, compiled in seconds."""
+    tiny = load_config(os.path.join(ROOT, "configs/tiny.py"))
+    t = tiny.model
+    t.vision.depth, t.text.depth, t.neck_taps = 2, 2, (0,)
+    if name == "WIMFRIS-B":
+        t.mta_layers, t.msa_layers = (1,), (1,)
+        return tiny
+    config = load_config(os.path.join(ROOT, MODELS[name]))
+    m = config.model
+    m.image_size, m.text, m.vision, m.neck_taps = t.image_size, dict(t.text), dict(t.vision), (0, 0)
+    m.text_adapter.layers, m.text_adapter.dim = (1,), 16
+    m.vision_adapter.layers, m.vision_adapter.dim, m.vision_adapter.num_heads = (1,), 16, 2
+    m.neck.dim, m.neck.num_heads = t.neck.dim, 4
+    m.decoder = dict(t.decoder)
+    config.data = tiny.data
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------- sections
+
+
+def section_scan(args) -> list[dict]:
+    rows = []
+    shapes = SMOKE_SCAN_SHAPES if args.smoke else SCAN_SHAPES
+    for label, shape in shapes.items():
+        x = {k: jnp.asarray(v) for k, v in scan_inputs(*shape).items()}
+        w = jnp.asarray(np.random.default_rng(1).normal(size=shape[:3]).astype(np.float32))
+        for impl in scan_lib.IMPLS:
+            fwd = jax.jit(lambda a, impl=impl: scan_lib.selective_scan(**a, delta_softplus=True, impl=impl))
+            bwd = jax.jit(jax.grad(lambda a, w, f=fwd: jnp.sum(f(a) * w)))
+            row = {"case": label, "shape": shape, "impl": impl}
+            row["fwd_ms"] = 1e3 * timed(fwd, x, repeats=args.repeats)
+            row["fwd_bwd_ms"] = 1e3 * timed(bwd, x, w, repeats=args.repeats)
+            rows.append(row)
+    return rows
+
+
+def section_attention(args) -> list[dict]:
+    rows = []
+    batch, size = (2, 56) if args.smoke else (args.batch, 448)
+    cfg = dinov2_config("b14_reg4")
+    if args.smoke:
+        cfg.update(width=64, depth=2, num_heads=2)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.bfloat16)
+    params = None
+    for impl in IMPLEMENTATIONS:
+        model = DinoV2(**cfg, attention=impl)
+        if params is None:
+            params = cast_floats(jax.jit(model.init)(jax.random.key(0), images[:1])["params"], jnp.bfloat16)
+        fwd = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x)["last_hidden_state"])
+        row = {"model": "DINOv2-B/14-reg4" if not args.smoke else "DINOv2 (smoke)", "batch": batch, "image": size,
+               "dtype": "bfloat16", "attention": impl}  # fmt: skip
+        try:
+            s = timed(fwd, params, images, repeats=args.repeats)
+            row.update(ms=1e3 * s, images_per_s=batch / s)
+        except Exception as e:  # cudnn off a GPU, or outside its dtype/shape rules: recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+    return rows
+
+
+def _model(args, name: str):
+    config = smoke_config(name) if args.smoke else load_config(os.path.join(ROOT, MODELS[name]))
+    return config, model_lib.build_model(config.model, remat_mode=config.train.get("remat", "auto"))
+
+
+def section_train(args) -> list[dict]:
+    rows = []
+    for name in MODELS:
+        config, model = _model(args, name)
+        gbs = 2 if args.smoke else args.batch
+        tc = config.train
+        mesh = sharding.make_mesh(jax.devices()[:1] if args.smoke else None)
+        batch = random_batch(config, gbs)
+        tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
+        init_fn = functools.partial(init_variables, model, {k: v[:1] for k, v in batch.items()})
+        state, shardings = init_train_state(init_fn, tx, tuple(tc.trainable), 0, mesh)
+        loss_fn = functools.partial(model_lib.loss_fn, config.model)
+        step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=args.dtype), shardings, mesh)
+        gb = sharding.shard_batch(batch, mesh)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, gb).compile()
+        compile_s = time.perf_counter() - t0
+        holder = [state]
+
+        def run(c=compiled, h=holder, b=gb):
+            h[0], metrics = c(h[0], b)
+            return metrics
+
+        s = timed(run, repeats=args.repeats)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        peak = data_sheet_peak(args.dtype)
+        tflops = flops / s / 1e12
+        rows.append({
+            "model": name, "global_batch": gbs, "dtype": args.dtype, "remat": model.image_encoder.remat_mode,
+            "devices": mesh.size, "compile_s": compile_s, "ms_per_step": 1e3 * s, "images_per_s": gbs / s,
+            "peak_memory_gib": None if peak_bytes(compiled) is None else peak_bytes(compiled) / 2**30,
+            "gflop_per_step_per_device": flops / 1e9, "tflops_per_device": tflops,
+            "mfu": tflops / peak if peak else None, "data_sheet_tflops": peak,
+        })  # fmt: skip
+        del compiled, holder, state
+    return rows
+
+
+def section_eval(args) -> list[dict]:
+    rows = []
+    for name in MODELS:
+        config, model = _model(args, name)
+        b = 2 if args.smoke else args.batch
+        batch = random_batch(config, b)
+        variables = jax.jit(functools.partial(init_variables, model))(batch, jax.random.key(0))
+        variables = cast_floats(variables, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        images = jnp.asarray(batch["image"], variables["params"]["projector"]["txt"]["kernel"].dtype)
+        fwd = jax.jit(lambda v, x, t, m=model: m.apply(v, x, t, train=False)["logits"])
+        s = timed(fwd, variables, images, batch["ids"], repeats=args.repeats)
+        rows.append({"model": name, "batch": b, "dtype": args.dtype, "ms": 1e3 * s, "images_per_s": b / s})
+    return rows
+
+
+SECTIONS = {"scan": section_scan, "attention": section_attention, "train": section_train, "eval": section_eval}
+
+
+def print_table(results: dict) -> None:
+    print("| section | case | ms | images/s | memory GiB | TFLOP/s | MFU |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for section, rows in results["sections"].items():
+        if isinstance(rows, dict):  # skipped or failed
+            print(f"| {section} | {rows.get('error') or rows.get('skipped')} | | | | | |")
+            continue
+        for r in rows:
+            if section == "scan":
+                case = f"{r['case']} {tuple(r['shape'])} {r['impl']} (fwd / fwd+bwd)"
+                ms = f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}"
+            elif section == "attention":
+                case = f"{r['model']} b{r['batch']} {r['image']}px {r['dtype']} attention={r['attention']}"
+                ms = r.get("error", fmt(r.get("ms"), ".1f"))
+            elif section == "train":
+                case = f"{r['model']} train step, global batch {r['global_batch']}, {r['dtype']}, remat={r['remat']}"
+                ms = fmt(r["ms_per_step"], ".1f")
+            else:
+                case = f"{r['model']} evaluation forward, batch {r['batch']}, {r['dtype']}"
+                ms = fmt(r["ms"], ".1f")
+            print(f"| {section} | {case} | {ms} | {fmt(r.get('images_per_s'), '.1f')} | "
+                  f"{fmt(r.get('peak_memory_gib'), '.1f')} | {fmt(r.get('tflops_per_device'), '.1f')} | "
+                  f"{fmt(r.get('mfu'), '.1%')} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, runs on CPU in seconds")
+    p.add_argument("--out", default=None, help="JSON file (default: $OUT/device_check.json or ./device_check.json)")
+    p.add_argument("--batch", type=int, default=32, help="global batch of the attention, train and eval rows")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=420.0, help="sections that would start after this are skipped")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
+    out = args.out or os.path.join(os.environ.get("OUT", "."), "device_check.json")
+    start = time.perf_counter()
+    dev = jax.devices()[0]
+    results = {
+        "device": f"{len(jax.devices())} x {dev.device_kind}", "backend": jax.default_backend(),
+        "jax": jax.__version__, "host": platform.node(), "smoke": args.smoke, "sections": {},
+    }  # fmt: skip
+    print(f"# device check: {results['device']} ({results['backend']}), jax {jax.__version__}", flush=True)
+    for name in args.sections.split(","):
+        if time.perf_counter() - start > args.budget_s:
+            results["sections"][name] = {"skipped": f"budget of {args.budget_s:.0f} s spent"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            results["sections"][name] = SECTIONS[name](args)
+        except Exception as e:  # one failing section must not cost the others their device time
+            results["sections"][name] = {"error": f"{type(e).__name__}: {e}"[:500], "trace": traceback.format_exc()}
+        print(f"# {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        with open(out, "w") as f:  # after every section: a killed run keeps what it measured
+            json.dump(results, f, indent=1, default=str)
+    results["wall_s"] = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print_table(results)
+    print(f"# wall {results['wall_s']:.0f} s; JSON: {out}")
+    return results
+
+
+if __name__ == "__main__":
+    if "--smoke" in sys.argv:  # before the backend starts: smoke runs want fast compiles, not fast code
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    main()

@@ -1,0 +1,31 @@
+"""The benchmark scripts run (at smoke sizes): they are how the project's speed claims are measured."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_check_smoke(tmp_path):
+    out = tmp_path / "device_check.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/device_check.py", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    sections = res["sections"]
+    assert set(sections) == {"scan", "attention", "train", "eval"}
+    assert not any(isinstance(rows, dict) for rows in sections.values()), sections  # no section failed
+    assert {r["impl"] for r in sections["scan"]} == {"associative", "sequential", "unrolled"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in sections["scan"])
+    by_impl = {r["attention"]: r for r in sections["attention"]}
+    assert by_impl["xla"]["ms"] > 0 and by_impl["chunked"]["ms"] > 0
+    assert "error" in by_impl["cudnn"] and "GPU" in by_impl["cudnn"]["error"]  # no cuDNN on a CPU host: recorded
+    for row in sections["train"]:
+        assert row["images_per_s"] > 0 and row["peak_memory_gib"] > 0 and row["gflop_per_step_per_device"] > 0
+    models = {"WIMFRIS-B", "DETRIS-B"}
+    assert {r["model"] for r in sections["train"]} == {r["model"] for r in sections["eval"]} == models
+    assert "| train |" in proc.stdout and "| scan |" in proc.stdout  # the table
