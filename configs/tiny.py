@@ -11,7 +11,7 @@ Run::
 
     wimfris train --config configs/tiny.py --workdir /tmp/wimfris_tiny
 
-Expected: the loss falls within a few hundred steps; a train step of batch 16 takes 540 ms on 2 CPU cores
+Expected: the loss falls within a few hundred steps; a train step of batch 16 takes about 310 ms on 2 CPU cores
 (``python benchmarks/bench_train.py --config configs/tiny.py``).
 """
 

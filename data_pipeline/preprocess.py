@@ -23,13 +23,14 @@ import cv2
 import numpy as np
 
 from data_pipeline.tokenizer import clean, tokenize
+from wimfris_jax.errors import UserError
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP, RGB
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 BORDER_VALUE = tuple(float(m) * 255.0 for m in (0.48145466, 0.4578275, 0.40821073))  # DETRIS warp border
 
 
-class ExampleError(ValueError):
+class ExampleError(UserError, ValueError):
     """An example cannot be used; the message names it (ids and/or file)."""
 
 

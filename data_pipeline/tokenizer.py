@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from wimfris_jax.errors import UserError
+
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -29,7 +31,7 @@ _NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps merges[1 : 48895]
 _FIX = "pip install --no-deps clip-anytorch==2.6.0"
 
 
-class VocabularyMissingError(FileNotFoundError):
+class VocabularyMissingError(UserError, FileNotFoundError):
     """The CLIP BPE vocabulary file could not be found."""
 
 

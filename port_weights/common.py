@@ -22,6 +22,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, unflatten
 
 Array = np.ndarray
@@ -30,7 +31,7 @@ Array = np.ndarray
 Transform = Callable[[Array], Union[Array, Mapping[str, Array]]]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Raised with one line per problem when a checkpoint does not fit the model."""
 
 

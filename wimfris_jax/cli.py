@@ -26,8 +26,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from wimfris_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad --set / --config.KEY override or --init argument."""
 
 
@@ -239,17 +241,7 @@ def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _expected(error: BaseException) -> bool:
     """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback)."""
-    if isinstance(error, (ConfigError, FileNotFoundError, FileExistsError)):
-        return True
-    for module, name in (
-        ("wimfris_jax.predict", "PredictError"),
-        ("data_pipeline.preprocess", "ExampleError"),
-        ("wimfris_jax.load", "CheckpointMismatch"),
-    ):  # classes of modules not loaded cannot have been raised; importing them here would cost seconds
-        mod = sys.modules.get(module)
-        if mod is not None and isinstance(error, getattr(mod, name)):
-            return True
-    return False
+    return isinstance(error, (UserError, FileNotFoundError, FileExistsError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

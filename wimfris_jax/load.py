@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, load_params, unflatten
 
 MAX_LISTED = 40  # problems listed one per line before the rest is counted
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """The checkpoint's variables do not fit the model the config builds."""
 
 

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from wimfris_jax.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """Bad input to prediction; the message is one line naming the file or argument at fault."""
 
 

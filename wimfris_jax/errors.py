@@ -1,0 +1,13 @@
+"""The error a user can cause: bad input, named in one line.
+
+Every error raised for bad input -- a missing or damaged file, a config key that does not exist, a checkpoint that
+does not fit, an image that cannot be read -- is a :class:`UserError` (most also derive from ``ValueError`` or
+``FileNotFoundError``, so callers may catch those). The command-line tools print a ``UserError`` as one line and
+exit with status 1; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input; the message names the file, key, step or value at fault."""
