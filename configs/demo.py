@@ -10,13 +10,14 @@ registers + MSA, HMF neck with WMF, DETRIS decoder and projector, eq. (10) loss)
 
 Run::
 
-    wimfris demo                       # 11 min on 2 CPU cores (AMD EPYC), ~82 images/s
+    wimfris demo                       # 7 min on 2 CPU cores (AMD EPYC), ~130 images/s
     wimfris demo --quick               # ~1 min smoke run, no quality target
 
 Expected: validation mIoU >= 0.6 with the true sentences and at most half of it when each sentence is swapped
-for one naming another object in the image (the demo prints both). Measured: 64.9 / 7.3 (oIoU 62.1 / 6.6)
-after 3,200 steps (lr x0.1 at 2,600), 669 s; 62.3 / 10.0 after 2,800 steps; 54.2 / 16.8 after 1,500: the colour
-words are learnt first, the spatial ones ("the rightmost", "the bottommost") need the longer run.
+for one naming another object in the image (the demo prints both). Measured: 66.4 / 7.9 (oIoU 63.6 / 6.8)
+after 3,200 steps (lr x0.1 at 2,600), 428 s (an earlier build: 64.9 / 7.3 in 669 s; 62.3 / 10.0 after 2,800
+steps; 54.2 / 16.8 after 1,500): the colour words are learnt first, the spatial ones ("the rightmost", "the
+bottommost") need the longer run.
 """
 
 from configs import common, tiny
