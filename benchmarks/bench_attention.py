@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import median_ms  # noqa: E402
 from wimfris_jax.attention import chunked_attention, dot_product_attention  # noqa: E402
 
 CASES = [  # label, (B, Tq, Tk, H, D)
@@ -36,16 +35,6 @@ CASES = [  # label, (B, Tq, Tk, H, D)
     ("cross to 17 words, b2", (2, 1024, 17, 8, 64)),
 ]
 QUICK = [CASES[1], CASES[4], CASES[5]]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def jax_rows(shape, repeats: int, chunks) -> list[tuple[str, float, float]]:

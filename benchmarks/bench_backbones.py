@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and compile, for jit)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+from benchmarks.timing import median_ms
 
 
 def bench_dinov2(batches: list[int], repeats: int) -> list[tuple]:

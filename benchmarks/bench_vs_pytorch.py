@@ -28,20 +28,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.timing import call_times  # noqa: E402
+
 CONFIGS = {"detris_b": "configs/detris_b.py", "wimfris_b": "configs/wimfris_b.py"}
 WORD_LEN, IMAGE = 17, 448
 
 
 def _timed(fn, warmup: int, repeats: int) -> float:
     """Minimum wall time (s) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(call_times(fn, repeats, warmup))
 
 
 # ----------------------------------------------------------------------------------------------- PyTorch

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -40,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.bench_scan import _inputs as scan_inputs  # noqa: E402
 from benchmarks.bench_train import PEAK_TFLOPS, peak_bytes, random_batch  # noqa: E402
+from benchmarks.timing import call_times  # noqa: E402
 from wimfris_jax import model as model_lib  # noqa: E402
 from wimfris_jax.attention import IMPLEMENTATIONS  # noqa: E402
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config  # noqa: E402
@@ -56,13 +58,7 @@ MODELS = {"WIMFRIS-B": "configs/wimfris_b.py", "DETRIS-B": "configs/detris_b.py"
 
 def timed(fn: Callable, *args: object, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of ``fn(*args)`` (waited for) after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return statistics.median(call_times(lambda: jax.block_until_ready(fn(*args)), repeats))
 
 
 def data_sheet_peak(dtype: str) -> float | None:
