@@ -3,6 +3,10 @@
 Source: OpenAI CLIP `simple_tokenizer.py` and DETRIS `utils/dataset.py::tokenize(..., truncate=True)`:
 ids = [SOT] + bpe(clean(text)) + [EOT], cut to `context_length` with the last id forced to EOT, padded with
 **0** (DETRIS's decoder masks padding with `id == 0`; the sentence feature is read at argmax(id) = EOT).
+One departure from DETRIS: where that cut would fall between the byte-level BPE tokens of one character (a CJK
+character or emoji spelt by several tokens), the cut moves back to the character's first token, so no partial
+character is kept (unless that would leave no token). Sentences that fit are unchanged. Each `tokenize` call that
+truncates warns once (`TruncationWarning`) with the number of truncated sentences.
 
 The vocabulary is the 49,408-entry `bpe_simple_vocab_16e6.txt.gz` that ships inside the `clip-anytorch`
 wheel; it is located through `importlib.util.find_spec("clip")` without importing `clip` (which would need
@@ -18,6 +22,7 @@ import gzip
 import html
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +38,10 @@ _FIX = "pip install --no-deps clip-anytorch==2.6.0"
 
 class VocabularyMissingError(UserError, FileNotFoundError):
     """The CLIP BPE vocabulary file could not be found."""
+
+
+class TruncationWarning(UserWarning):
+    """Sentences longer than the context length were truncated."""
 
 
 def vocab_path() -> str:
@@ -82,6 +91,18 @@ def _tokenizer():
     return tok, vocab[SOT_TOKEN], vocab[EOT_TOKEN]
 
 
+@functools.cache
+def _continues_character() -> np.ndarray:
+    """Bool per id: True where the token's first byte is a UTF-8 continuation byte (it ends a character begun
+    by the previous token)."""
+    tok, _, _ = _tokenizer()
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    out = np.zeros(len(tok.get_vocab()), bool)
+    for token, i in tok.get_vocab().items():
+        out[i] = 0x80 <= byte_of.get(token[0], 0) < 0xC0
+    return out
+
+
 def clean(text: str) -> str:
     """OpenAI's text clean-up: ftfy repair, HTML-unescape twice, collapse whitespace, lower-case."""
     import ftfy
@@ -104,7 +125,11 @@ def special_ids() -> tuple[int, int]:
 
 
 def tokenize(texts: str | Sequence[str], context_length: int) -> np.ndarray:
-    """Token ids, int32 (N, context_length): [SOT] + bpe + [EOT], truncated (last id forced to EOT), 0-padded."""
+    """Token ids, int32 (N, context_length): [SOT] + bpe + [EOT], 0-padded.
+
+    Longer sentences keep their first ``context_length - 2`` tokens (fewer where that would cut a character: see
+    the module docstring) and end with EOT; one ``TruncationWarning`` per call gives how many were truncated.
+    """
     if isinstance(texts, str):
         texts = [texts]
     if context_length < 2:
@@ -114,8 +139,21 @@ def tokenize(texts: str | Sequence[str], context_length: int) -> np.ndarray:
     if not texts:
         return out
     encoded = tok([clean(t) for t in texts], add_special_tokens=False)["input_ids"]
+    keep, truncated = context_length - 2, 0
     for i, ids in enumerate(encoded):
-        row = [sot, *ids, eot][:context_length]
-        row[-1] = eot
+        if len(ids) > keep:
+            truncated += 1
+            n = keep
+            while n > 0 and _continues_character()[ids[n]]:
+                n -= 1
+            ids = ids[: n or keep]
+        row = [sot, *ids, eot]
         out[i, : len(row)] = row
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(texts)} sentences truncated to the word length {context_length} "
+            f"({keep} tokens + SOT and EOT)",
+            TruncationWarning,
+            stacklevel=2,
+        )
     return out

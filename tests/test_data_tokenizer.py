@@ -2,12 +2,13 @@
 
 import importlib.util
 import os
+import warnings
 
 import numpy as np
 import pytest
 
 from data_pipeline import tokenizer
-from data_pipeline.tokenizer import VocabularyMissingError, tokenize, vocab_path
+from data_pipeline.tokenizer import TruncationWarning, VocabularyMissingError, tokenize, vocab_path
 
 SENTENCES = [
     "the man on the left",
@@ -57,23 +58,64 @@ def test_ids_equal_openai(openai):
         assert tokenizer.encode(s) == openai.encode(s), s
 
 
+def _tokenize_recording(texts, length):
+    """tokenize() and the warnings it emitted (all of them, whatever the filters)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = tokenize(texts, length)
+    return ids, [w for w in caught if issubclass(w.category, TruncationWarning)]
+
+
+def _whole_characters(openai, ids):
+    """True when the BPE tokens ``ids`` spell whole UTF-8 characters (OpenAI's byte decoder, independently)."""
+    data = bytes(openai.byte_decoder[c] for i in ids for c in openai.decoder[i].replace("</w>", ""))
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_detris_layout_padding_and_truncation(openai):
     sot, eot = openai.encoder["<|startoftext|>"], openai.encoder["<|endoftext|>"]
     assert tokenizer.special_ids() == (sot, eot)
     for length in (17, 22, 77):
-        ids = tokenize(SENTENCES, length)
+        ids, warned = _tokenize_recording(SENTENCES, length)
         assert ids.shape == (len(SENTENCES), length) and ids.dtype == np.int32
+        n_long = 0
         for row, s in zip(ids, SENTENCES):
             full = [sot, *openai.encode(s), eot]
-            if len(full) > length:  # DETRIS truncate=True: cut, last forced to EOT
+            if len(full) > length:  # DETRIS truncate=True: cut, last forced to EOT (no partial character here)
+                n_long += 1
                 expected = full[:length]
                 expected[-1] = eot
+                assert _whole_characters(openai, expected[1:-1]), s
             else:
                 expected = full + [0] * (length - len(full))
             assert row.tolist() == expected, (length, s)
             assert int(np.argmax(row)) == row.tolist().index(eot)  # sentence feature position
-    assert tokenize(SENTENCES[19], 17)[0, -1] == eot and len(openai.encode(SENTENCES[19])) > 15
-    assert tokenize("the dog", 17).shape == (1, 17)
+        assert len(warned) == (1 if n_long else 0), length  # one warning per call, with the count and word length
+        if length < 77:
+            assert n_long > 0 and str(warned[0].message).startswith(
+                f"{n_long} of {len(SENTENCES)} sentences truncated to the word length {length} "
+            )
+    with pytest.warns(TruncationWarning, match="1 of 1 sentences truncated to the word length 17"):
+        assert tokenize(SENTENCES[19], 17)[0, -1] == eot and len(openai.encode(SENTENCES[19])) > 15
+    ids, warned = _tokenize_recording("the dog", 17)
+    assert ids.shape == (1, 17) and warned == []
+
+
+def test_truncation_does_not_cut_a_character(openai):
+    sot, eot = tokenizer.special_ids()
+    text = "\u4e2d\u6587 \u5b57 the dog"  # every CJK character here is 2 byte-level BPE tokens
+    bpe = openai.encode(text)
+    assert len(bpe) == 8 and _whole_characters(openai, bpe[:2]) and not _whole_characters(openai, bpe[:3])
+    ids, warned = _tokenize_recording([text, text + " on the left", "the dog"], 5)  # room for 3 tokens
+    assert ids.tolist() == [[sot, *bpe[:2], eot, 0]] * 2 + [[sot, *openai.encode("the dog"), eot, 0]]
+    assert len(warned) == 1 and str(warned[0].message).startswith("2 of 3 sentences truncated to the word length 5")
+    # a cut on a character boundary is DETRIS's; a lone character longer than the room keeps DETRIS's cut too
+    assert _tokenize_recording(text, 6)[0].tolist() == [[sot, *bpe[:4], eot]]
+    assert _tokenize_recording("\u4e2d", 3)[0].tolist() == [[sot, bpe[0], eot]]
 
 
 def test_missing_vocabulary_names_the_fix(monkeypatch):

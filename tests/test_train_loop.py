@@ -1,9 +1,11 @@
 """Training loop on the toy model: exact resume after SIGKILL, last-N / best checkpoints, logs, Ctrl-C, NaN stop."""
 
+import glob
 import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,9 +15,11 @@ import numpy as np
 import pytest
 from toy_model import ToySource, run_toy_training, toy_config
 
+from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten
 from wimfris_jax.train.checkpoint import Checkpoints, load_variables
 from wimfris_jax.train.logging import read_metrics
+from wimfris_jax.train.loop import NonFiniteLossError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,7 +70,7 @@ def test_sigkill_then_resume_equals_straight_run(tmp_path):
     # the resumed run logged steps 5..8 with the same losses as the straight run
     loss = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "straight")}
     resumed_rows = [r for r in read_metrics(workdir) if "train/loss" in r]
-    assert [r["step"] for r in resumed_rows][-4:] == [5, 6, 7, 8]
+    assert [r["step"] for r in resumed_rows] == list(range(1, n + 1))  # each step once
     for r in resumed_rows[-4:]:
         assert r["train/loss"] == loss[r["step"]]
 
@@ -107,24 +111,111 @@ def test_logs_keep_last_and_best(tmp_path):
         run_toy_training(str(tmp_path), cfg)
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
+def _tb_scalars_as_shown(logdir):
+    """{(tag, step): value} that TensorBoard shows for the event files in ``logdir``, oldest file first.
+
+    Reads the TFRecord framing (u64 length, u32 crc, data, u32 crc) and applies TensorBoard's purge rule: a
+    SessionLog START event at step s hides every earlier event with step >= s.
+    """
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data, pos = f.read(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                shown = {k: v for k, v in shown.items() if k[1] < event.step}
+            for value in event.summary.value:
+                assert (value.tag, event.step) not in shown, (value.tag, event.step)
+                shown[value.tag, event.step] = value.simple_value
+    return shown
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    run_toy_training(str(tmp_path), toy_config(epochs=1, eval_every=2), eval_fn=lambda s: {"mIoU": 0.5})
+    first = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r}
+    assert sorted(first) == [1, 2, 3, 4]
+    # a crash after the checkpoint at 4 left rows for steps 5-6 and a torn line; TensorBoard has them too
+    stale = [{"step": 5, "train/loss": -1.0}, {"step": 6, "train/loss": -1.0}, {"step": 6, "val/mIoU": -1.0}]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in stale)
+        f.write('{"step": 7, "train/lo')
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb"), filename_suffix=f".{time.time_ns()}") as tb:  # named as MetricWriter
+        for row in stale:
+            for k, v in row.items():
+                if k != "step":
+                    tb.add_scalar(k, v, row["step"])
+
+    run_toy_training(str(tmp_path), toy_config(resume=True, eval_every=2), eval_fn=lambda s: {"mIoU": 0.25})
+    rows = read_metrics(tmp_path)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    assert [s for s, _ in train] == list(range(1, 9)) and all(v > 0 for _, v in train)
+    assert [(s, v) for s, v in train if s <= 4] == sorted(first.items())  # rows up to the checkpoint kept as they were
+    assert [(r["step"], r["val/mIoU"]) for r in rows if "val/mIoU" in r] == [(2, 0.5), (4, 0.5), (6, 0.25), (8, 0.25)]
+    assert not os.path.exists(str(tmp_path / "metrics.jsonl") + ".tmp")
+    shown = _tb_scalars_as_shown(tmp_path / "tb")
+    assert sorted(s for tag, s in shown if tag == "train/loss") == list(range(1, 9))
+    assert {s: shown["train/loss", s] for s in range(1, 9)} == pytest.approx(dict(train))
+    assert sorted((s, v) for (tag, s), v in shown.items() if tag == "val/mIoU") == [(2, 0.5), (4, 0.5), (6, 0.25),
+                                                                                      (8, 0.25)]  # fmt: skip
+
+
+def test_ctrl_c_saves_a_checkpoint_and_restores_the_previous_handler(tmp_path):
     def interrupt_at_3(state):
         if int(state.step) == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return {"mIoU": 0.0}
 
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+
     cfg = toy_config(ckpt_every=100, eval_every=1)
-    with pytest.raises(KeyboardInterrupt):
-        run_toy_training(str(tmp_path), cfg, eval_fn=interrupt_at_3)
+    original = signal.signal(signal.SIGINT, previous)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_toy_training(str(tmp_path), cfg, eval_fn=interrupt_at_3)
+        assert signal.getsignal(signal.SIGINT) is previous and calls == []  # the loop's handler took the Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, original)
     with Checkpoints(tmp_path) as ck:
         assert ck.all_steps() == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_ignored_at_start_stays_ignored(tmp_path):
+    """A background process (``pytest &``, nohup) starts with SIGINT ignored: no handler, training completes."""
+    seen = []
+
+    def interrupt_at_3(state):
+        seen.append(signal.getsignal(signal.SIGINT))
+        if int(state.step) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"mIoU": 0.0}
+
+    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        final = run_toy_training(str(tmp_path), toy_config(ckpt_every=100, eval_every=1), eval_fn=interrupt_at_3)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, original)
+    assert int(final.step) == 8 and seen == [signal.SIG_IGN] * 8
+    with Checkpoints(tmp_path) as ck:
+        assert ck.all_steps() == [8]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = toy_config(lr=1e30, ckpt_every=1)  # diverges within a few steps
     with pytest.raises(FloatingPointError, match=r"at step \d+") as info:
         run_toy_training(str(tmp_path), cfg, train_source=ToySource(64, 16, 4))
+    assert isinstance(info.value, NonFiniteLossError) and isinstance(info.value, (UserError, ValueError))  # CLI
+    assert "\n" not in str(info.value)
     bad = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     assert bad >= 2
     with Checkpoints(tmp_path) as ck:

@@ -10,9 +10,12 @@ fsdp_min_size, log_every, ckpt_every, keep_last, eval_every (steps; 0 = only at 
 eval_every_epochs, best_metric ("mIoU"), resume; ``config.seed``.
 
 Failure handling: the losses and gradient norms of all steps since the last check are verified before
-every log line, checkpoint and evaluation; a non-finite value raises ``FloatingPointError`` naming the
-first bad step and nothing more is saved. SIGINT (Ctrl-C) is deferred to the end of the current step, then
-a checkpoint is written and ``KeyboardInterrupt`` is raised; a second Ctrl-C interrupts at once.
+every log line, checkpoint and evaluation; a non-finite value raises :class:`NonFiniteLossError` (a
+``FloatingPointError``, ``ValueError`` and ``UserError``) naming the first bad step and nothing more is saved.
+SIGINT (Ctrl-C) is deferred to the end of the current step, then a checkpoint is written and
+``KeyboardInterrupt`` is raised; a second Ctrl-C interrupts at once (see :class:`_SigintFlag`: a process started
+with SIGINT ignored, e.g. in the background, keeps ignoring it). On resume, metrics logged after the restored
+checkpoint are dropped (:class:`~wimfris_jax.train.logging.MetricWriter`), so each step is logged once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 import tqdm
 
+from wimfris_jax.errors import UserError
 from wimfris_jax.train import sharding
 from wimfris_jax.train.checkpoint import Checkpoints
 from wimfris_jax.train.logging import MetricWriter
@@ -125,7 +129,7 @@ def train(
     )
     step = int(state.step)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=step)  # drops rows logged after the restored checkpoint
     bar = tqdm.tqdm(total=total, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
     stop = _SigintFlag()
     last_saved = step
@@ -186,7 +190,7 @@ def _check_and_average(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[
         bad = [k for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])]
         if bad:
             pending.clear()
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"non-finite {', '.join(f'{k}={m[k]}' for k in bad)} at step {step}; training stopped, "
                 "the last saved checkpoint is the last good state"
             )
@@ -195,12 +199,27 @@ def _check_and_average(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[
     return means
 
 
+class NonFiniteLossError(UserError, FloatingPointError, ValueError):
+    """Training produced a non-finite loss or gradient norm; the message names the step.
+
+    A ``ValueError`` too, so that callers catching bad values (the CLI's one-line errors) catch it.
+    """
+
+
 class _SigintFlag:
-    """Context manager turning the first SIGINT into a flag (``raised``); the second one interrupts at once."""
+    """Context manager turning the first SIGINT into a flag (``raised``); the second one interrupts at once.
+
+    On exit it restores the SIGINT handler that was in place on entry, whatever it was (a Python function,
+    ``signal.default_int_handler`` or ``SIG_DFL``). It installs nothing, so Ctrl-C keeps its previous effect, when
+    SIGINT is ignored on entry (``SIG_IGN``: processes started in the background, under nohup, by some CI
+    runners; they never receive Ctrl-C from the terminal, so the run goes on and ends normally), when the
+    handler was installed outside Python (it could not be put back), or outside the main thread.
+    """
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self._previous: Any = None
+        self._installed = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.raised:
@@ -209,12 +228,16 @@ class _SigintFlag:
 
     def __enter__(self) -> _SigintFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None and previous != signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
+        if self._installed:
             signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
 
 
 def build_train_source(data_config: Any) -> Any:
