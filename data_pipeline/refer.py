@@ -4,7 +4,8 @@ Source: the refer API (`REFER`, `getMask`) and DETRIS/CRIS `tools/data_process.p
 into one object mask and its sentences (`sent`, the lower-cased punctuation-free form) for training.
 
     <data_root>/<dataset>/refs(<split_by>).p   Python-2 pickle of the ref dicts (read without `pickle.load`:
-                                               a restricted unpickler admits builtin containers/scalars only)
+                                               a restricted unpickler admits builtin containers/scalars only,
+                                               and bounds the file size, nesting depth and expansion)
     <data_root>/<dataset>/instances.json       COCO images/annotations of those images
     <image_dir>/COCO_train2014_*.jpg           default <data_root>/images/mscoco/images/train2014
 
@@ -26,6 +27,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from data_pipeline.preprocess import ExampleError, load_image
+from wimfris_jax.errors import UserError
 
 VALID = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -38,8 +40,22 @@ _DOWNLOAD = (
     "download and unzip <dataset>.zip (refcoco, refcoco+, refcocog) from the lichengunc/refer data page into "
     "the data root, and COCO train2014 images into <data_root>/images/mscoco/images/train2014 (see docs/DATA.md)"
 )
-_SAFE_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float"})
-_SAFE_BUILTINS |= {"bool", "complex"}
+_SAFE_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bool", "complex"})
+_SIZED = {"bytes": bytes, "bytearray": bytearray}  # admitted, but never from a size: bytes(10**12) is 20 bytes
+# Bounds of what a refs file may hold. The refer files are tens of MB, a list of dicts of lists at most ~6 deep,
+# and every value in them costs at least one byte of pickle; a file whose values, counting a shared one each time
+# it is reached, outnumber EXPANSION x its bytes reuses the pickle memo to build an exponential structure.
+MAX_REFS_BYTES = 512 << 20
+MAX_DEPTH = 32
+EXPANSION = 2
+
+
+class RefsFileError(UserError, ValueError):
+    """A refs file that is too large, too deep, self-amplifying, unreadable or not a list of ref dicts."""
+
+
+class UnsafeRefsError(RefsFileError, pickle.UnpicklingError):
+    """A refs file that names a class or function beyond builtin containers and scalars."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -52,40 +68,80 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return getattr(builtins, name)
-        raise pickle.UnpicklingError(f"{self._path}: refusing to load class {module}.{name} (only plain data allowed)")
+        if module in ("builtins", "__builtin__") and name in _SIZED:
+            return self._unsized(_SIZED[name])
+        raise UnsafeRefsError(f"{self._path}: refusing to load class {module}.{name} (only plain data allowed)")
+
+    def _unsized(self, cls: type) -> Any:
+        """``cls`` called with data (``bytes(b"..")``, ``bytes("..", "latin-1")``) but not with a size."""
+
+        def make(*args: Any) -> Any:
+            if args and isinstance(args[0], int):
+                raise UnsafeRefsError(f"{self._path}: refusing {cls.__name__}({args[0]}) (a size, not data)")
+            return cls(*args)
+
+        return make
 
 
-def _to_str(obj: Any) -> Any:
-    """Python-2 byte strings -> str (UTF-8, else Latin-1), recursively; other values unchanged."""
-    if isinstance(obj, bytes):
-        try:
-            return obj.decode("utf-8")
-        except UnicodeDecodeError:
-            return obj.decode("latin-1")
-    if isinstance(obj, dict):
-        return {_to_str(k): _to_str(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_str(v) for v in obj)
-    return obj
+def _to_str(obj: Any, path: str, budget: int) -> Any:
+    """Python-2 byte strings -> str (UTF-8, else Latin-1), recursively; other values unchanged.
+
+    Raises RefsFileError, naming ``path``, when ``obj`` nests deeper than MAX_DEPTH or holds more than ``budget``
+    values (a value reached through several shared references counts each time), before doing that much work.
+    """
+    count = 0
+
+    def walk(o: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > budget:
+            raise RefsFileError(
+                f"{path}: expands to more than {budget:,} values, {EXPANSION}x its size (shared references "
+                "reused through the pickle memo); not a refs file"
+            )
+        if depth > MAX_DEPTH:
+            raise RefsFileError(f"{path}: nested deeper than {MAX_DEPTH} levels; not a refs file")
+        if isinstance(o, bytes):
+            try:
+                return o.decode("utf-8")
+            except UnicodeDecodeError:
+                return o.decode("latin-1")
+        if isinstance(o, dict):
+            return {walk(k, depth + 1): walk(v, depth + 1) for k, v in o.items()}
+        if isinstance(o, (list, tuple, set, frozenset)):
+            return type(o)(walk(v, depth + 1) for v in o)
+        return o
+
+    return walk(obj, 0)
 
 
-def load_refs(path: str) -> list[dict[str, Any]]:
-    """Reads a refer `refs(<split_by>).p` file (any pickle protocol, Python 2 or 3) with no code execution."""
+def load_refs(path: str, max_bytes: int = MAX_REFS_BYTES) -> list[dict[str, Any]]:
+    """Reads a refer `refs(<split_by>).p` file (any pickle protocol, Python 2 or 3) with no code execution.
+
+    Returns the ref dicts, byte strings decoded. Raises FileNotFoundError when the file is missing, UnsafeRefsError
+    (an UnpicklingError) when it names a class or function, and RefsFileError when it is larger than
+    ``max_bytes``, nests deeper than MAX_DEPTH, expands to more than EXPANSION values per byte, or is not a list
+    of ref dicts: each in one line naming the file, before the work or memory such a file would take.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"refs file not found: {path}; {_DOWNLOAD}")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise RefsFileError(f"{path}: {size:,} bytes, over the {max_bytes:,}-byte limit of a refs file")
     with open(path, "rb") as f:
         try:
-            refs = _to_str(_RestrictedUnpickler(f, path).load())
-        except pickle.UnpicklingError:
+            refs = _RestrictedUnpickler(f, path).load()
+        except UnsafeRefsError:
             raise
         except Exception as e:
-            raise ValueError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e})") from e
+            raise RefsFileError(f"{path}: not a readable refs pickle ({type(e).__name__}: {e})") from e
+    refs = _to_str(refs, path, EXPANSION * size + 1024)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
+        raise RefsFileError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
     for key in ("ref_id", "ann_id", "image_id", "split", "sentences"):
         missing = [r.get("ref_id", "?") for r in refs if key not in r]
         if missing:
-            raise ValueError(f"{path}: refs {missing[:5]} lack the key {key!r}")
+            raise RefsFileError(f"{path}: refs {missing[:5]} lack the key {key!r}")
     return refs
 
 

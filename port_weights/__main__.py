@@ -2,17 +2,27 @@
 
 Each family module exposes ``from_checkpoint(src: str) -> (params, meta)``; the result is written with
 :func:`wimfris_jax.io.save_params` and read back with :func:`wimfris_jax.io.load_params`.
+
+Bad input (a missing or unsafe SRC, a checkpoint that does not fit, an OUT whose folder is missing or read-only)
+exits with status 1 and one ``python -m port_weights: error: ...`` line; OUT's folder is checked before converting.
+Any other exception is a bug and keeps its traceback; ``--debug`` shows the traceback of every error. Converter
+warnings (float16/bfloat16 tensors upcast) are printed as one ``python -m port_weights: warning: ...`` line each.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+import warnings
 
-from port_weights.common import ConversionError
+from port_weights.common import UpcastWarning
+from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, save_params
 
+PROG = "python -m port_weights"
 FAMILIES = {
     "dinov2": "port_weights.dinov2",
     "clip": "port_weights.clip",
@@ -21,21 +31,69 @@ FAMILIES = {
 }
 
 
+def check_output(out: str) -> None:
+    """Raises an ``OSError`` naming ``out`` when it cannot be written: it is a folder, or its folder is missing,
+    not a folder, or not writable."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give the output file's name (e.g. out.msgpack)", out)
+    if not os.path.exists(folder):
+        raise FileNotFoundError(errno.ENOENT, f"its folder {folder} does not exist", out)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder", out)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, f"its folder {folder} is not writable", out)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback)."""
+    return isinstance(error, UserError) or (isinstance(error, OSError) and error.filename is not None)
+
+
+def describe(error: BaseException) -> str:
+    """The message of a user error: its text, or ``FILE: reason`` for an ``OSError``."""
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
+        files = ", ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return f"{files}: {error.strerror or error}"
+    return str(error)
+
+
+def convert(family: str, src: str, out: str) -> str:
+    """Converts ``src`` with the ``family`` converter and writes ``out``; returns the summary line. Upcast
+    warnings are printed as one line each (also when the conversion then fails); other warnings as usual."""
+    check_output(out)
+    module = importlib.import_module(FAMILIES[family])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UpcastWarning)
+            params, meta = module.from_checkpoint(src)
+    finally:
+        for w in caught:
+            if issubclass(w.category, UpcastWarning):
+                print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    save_params(out, params, meta)
+    flat = flatten(params)
+    n = sum(v.size for v in flat.values())
+    return f"wrote {out}: {len(flat)} arrays, {n:,} parameters ({family})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m port_weights", description=__doc__.splitlines()[0])
+    """Entry point of ``python -m port_weights``; returns the exit status."""
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("family", choices=sorted(FAMILIES))
     ap.add_argument("src", help="PyTorch checkpoint: .safetensors, .bin, .pth, .pt or a Hugging Face folder")
     ap.add_argument("out", help="output file (.msgpack)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of every error")
     args = ap.parse_args(argv)
-    module = importlib.import_module(FAMILIES[args.family])
     try:
-        params, meta = module.from_checkpoint(args.src)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(convert(args.family, args.src, args.out))
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        print(f"{PROG}: error: {describe(e)}", file=sys.stderr)
         return 1
-    save_params(args.out, params, meta)
-    n = sum(v.size for v in flatten(params).values())
-    print(f"wrote {args.out}: {len(flatten(params))} arrays, {n:,} parameters ({args.family})")
     return 0
 
 

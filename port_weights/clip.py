@@ -23,19 +23,21 @@ from typing import Any
 
 import numpy as np
 
+from port_weights.checkpoint import (
+    block_count,
+    dropped_keys,
+    infer_num_heads,
+    load_torch_checkpoint,
+    only_one,
+    read_hf_config,
+)
 from port_weights.common import (
     ConversionError,
     Rule,
-    block_count,
-    convert,
-    dropped_keys,
+    convert_with_dtypes,
     heads_out,
-    infer_num_heads,
     linear,
-    load_torch_checkpoint,
-    only_one,
     path_prefix,
-    read_hf_config,
     split_in_proj,
     split_qkv_rules,
 )
@@ -201,7 +203,7 @@ def convert_state_dict(
     own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
     ignore = ignore_patterns(prefix, layout)
     table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
-    params = convert(own, table, expected_params(config), ignore=ignore, source=source)
+    params, dtypes = convert_with_dtypes(own, table, expected_params(config), ignore=ignore, source=source)
     meta = {
         "family": "clip",
         "layout": layout,
@@ -209,13 +211,15 @@ def convert_state_dict(
         "config": config,
         "dropped": dropped_keys(own, ignore),
         "skipped": len(state_dict) - len(own),
+        "source_dtypes": dtypes,
     }
     return params, meta
 
 
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Reads a CLIP checkpoint (OpenAI .pt / TorchScript, HF folder / .safetensors / .bin, DETRIS .pth) ->
-    (params, meta); ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.ClipText` fields."""
+    (params, meta); ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.ClipText` fields and
+    ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype (OpenAI's archives: float16)."""
     cfg = read_hf_config(src)
     cfg = cfg.get("text_config", cfg) if str(cfg.get("model_type", "")).startswith("clip") else {}
     return convert_state_dict(load_torch_checkpoint(src), src, num_heads, cfg)

@@ -5,23 +5,27 @@ Every converter in this package (Mamba, DINOv2, CLIP, DETRIS) is a list of :clas
 and then compares what it produced with the parameter shapes the Flax model expects. All problems —
 source keys no rule maps, expected parameters nothing produced, shape mismatches, two sources writing the
 same target — are collected and raised together in one :class:`ConversionError`, so a user with a
-renamed or truncated checkpoint sees every bad key in one run.
+renamed or truncated checkpoint sees every bad key in one run; a missing parameter is named by its Flax path
+and by the source key(s) the table expects for it (:func:`port_weights.names.source_names`).
 
-PyTorch is imported lazily, only by :func:`load_torch_checkpoint`; files are read with
-``weights_only=True`` (or from safetensors), never with plain pickle.
+Source tensors arrive in their stored dtypes (files are read by :mod:`port_weights.checkpoint`): integer or bool
+tensors for float parameters are refused, float16/bfloat16 ones are upcast with one :class:`UpcastWarning`, and
+the dtype counts are returned for the converters' ``meta["source_dtypes"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
+import ml_dtypes
 import numpy as np
 
+from port_weights.names import source_names
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, unflatten
 
@@ -33,6 +37,10 @@ Transform = Callable[[Array], Union[Array, Mapping[str, Array]]]
 
 class ConversionError(UserError, ValueError):
     """Raised with one line per problem when a checkpoint does not fit the model."""
+
+
+class UpcastWarning(UserWarning):
+    """Emitted once per conversion that widened float16/bfloat16 tensors to the model's float32."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,150 +143,60 @@ def split_qkv_rules(src: str, dst: str, num_heads: int) -> list[Rule]:
     return out
 
 
-# ------------------------------------------------------------------------------------------ loading
-def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
-    """Reads a PyTorch checkpoint into ``{name: float32/int numpy array}``.
-
-    Accepts safetensors files, ``.bin``/``.pth``/``.pt`` files saved with ``torch.save`` (read with
-    ``weights_only=True``), TorchScript archives (OpenAI CLIP's ``ViT-B-16.pt``), and a Hugging Face
-    model folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or not). Training checkpoints
-    that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _load_hf_folder(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return {k: np.asarray(v) for k, v in load_file(path).items()}
-    import torch  # only here: the model's import path never imports torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a TorchScript archive, or not a checkpoint at all
-        try:
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            raise ValueError(
-                f"{path!r} is neither a weights-only PyTorch checkpoint nor a TorchScript archive: {err}"
-            ) from err
-    return _to_numpy_state_dict(obj, path)
-
-
-def _load_hf_folder(path: str) -> dict[str, Array]:
-    names = sorted(os.listdir(path))
-    st = [n for n in names if n.endswith(".safetensors")]
-    bins = [n for n in names if n.endswith(".bin") and n.startswith("pytorch_model")]
-    files = st or bins
-    if not files:
-        raise FileNotFoundError(f"{path!r} holds no *.safetensors or pytorch_model*.bin file")
-    out: dict[str, Array] = {}
-    for n in files:
-        out.update(load_torch_checkpoint(os.path.join(path, n)))
-    return out
-
-
-def _to_numpy_state_dict(obj: Any, path: str) -> dict[str, Array]:
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-    out = {}
-    for k, v in obj.items():
-        if hasattr(v, "detach"):
-            v = v.detach().cpu()
-            if v.is_floating_point():
-                v = v.float()
-            out[k] = v.numpy()
-    return out
-
-
-def strip_prefix(state_dict: Mapping[str, Array], prefix: str) -> dict[str, Array]:
-    """Removes ``prefix`` from every key that has it (e.g. DistributedDataParallel's ``module.``)."""
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-
-
-def read_hf_config(src: str, section: str | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a Hugging Face folder ``src`` (or beside the file ``src``), its ``section``
-    (e.g. "text_config") when present; {} when there is none."""
-    folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        cfg = json.load(f)
-    return dict(cfg.get(section, cfg)) if section else cfg
-
-
-# ---------------------------------------------------------------------------------- reading a layout
+# ------------------------------------------------------------------------------------------ targets
 def path_prefix(dst_prefix: str) -> str:
     """A '/'-path as the prefix of rule targets: ``"params/text_encoder/"``, or ``""`` for the root."""
     d = dst_prefix.strip("/")
     return f"{d}/" if d else ""
 
 
-def only_one(found: list[tuple[str, str]], source: str, what: str) -> tuple[str, str]:
-    """The single ``(layout, key prefix)`` in ``found``; else a ConversionError naming ``what`` was searched."""
-    if len(found) != 1:
-        n = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
-        raise ConversionError(f"{source}: found {n} {what}; cannot tell which weights to convert")
-    return found[0]
-
-
-def block_count(state_dict: Mapping[str, Any], block: re.Pattern, source: str, what: str) -> int:
-    """How many blocks the keys matching ``block`` (group 1: the block index) hold; they must be 0..n-1."""
-    layers = {int(m.group(1)) for k in state_dict if (m := block.match(k))}
-    if not layers or layers != set(range(len(layers))):
-        raise ConversionError(f"{source}: {what} blocks must be numbered 0..n-1, found {sorted(layers)}")
-    return len(layers)
-
-
-def infer_num_heads(width: int, num_heads: int | None, hf_config: Mapping[str, Any], source: str) -> int:
-    """``num_heads`` if given, else ``config.json``'s ``num_attention_heads``, else head size 64; must divide width."""
-    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
-    if width % heads:
-        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
-    return heads
-
-
-def dropped_keys(keys: Iterable[str], ignore: Iterable[str]) -> list[str]:
-    """The ``keys`` that an ``ignore`` regex fully matches, sorted (what ``convert`` dropped on purpose)."""
-    ignore = list(ignore)
-    return sorted(k for k in keys if any(re.fullmatch(p, k) for p in ignore))
-
-
 # --------------------------------------------------------------------------------------- converting
 def convert(
-    state_dict: Mapping[str, Array],
+    state_dict: Mapping[str, Any],
     rules: Iterable[Rule],
     expected: Mapping[str, Any] | None = None,
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
 ) -> dict[str, Any]:
+    """Maps ``state_dict`` through ``rules`` into a nested Flax params dict: :func:`convert_with_dtypes` without
+    the dtype counts."""
+    return convert_with_dtypes(state_dict, rules, expected, ignore, source)[0]
+
+
+def convert_with_dtypes(
+    state_dict: Mapping[str, Any],
+    rules: Iterable[Rule],
+    expected: Mapping[str, Any] | None = None,
+    ignore: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> tuple[dict[str, Any], dict[str, int]]:
     """Maps ``state_dict`` through ``rules`` into a nested Flax params dict.
 
     Args:
-      state_dict: ``{torch name: array}``.
+      state_dict: ``{torch name: array or torch tensor}``, in the stored dtypes.
       rules: tried in order; the first whose pattern fully matches a key wins.
       expected: the params the model expects (nested dict of arrays or ``jax.ShapeDtypeStruct``, e.g.
         from ``jax.eval_shape(model.init, ...)["params"]``). When given, every expected path must be
-        produced exactly once with the expected shape, and nothing else may be produced.
+        produced exactly once with the expected shape, nothing else may be produced, and float parameters
+        only from float tensors.
       ignore: regexes of source keys that are known and deliberately dropped (buffers, heads, ...).
       source: a name for the checkpoint used in error messages (its path, say).
 
     Returns:
-      The nested params dict, arrays cast to the expected dtype (float32 when ``expected`` is None).
+      ``(params, source_dtypes)``: the nested params dict, arrays cast to the expected dtype (floats to float32
+      when ``expected`` is None), and how many of the converted source tensors had each dtype
+      (``{"float16": 196}``, what the converters record as ``meta["source_dtypes"]``). Upcasting float16 or
+      bfloat16 tensors emits one :class:`UpcastWarning` with their count.
 
     Raises:
-      ConversionError: listing every unmapped source key, missing target, shape mismatch and clash.
+      ConversionError: listing every unmapped source key, missing target (with the source key(s) that would
+        have filled it), shape mismatch, integer or bool tensor for a float parameter, and clash.
     """
     rules = list(rules)
     ignore_re = [re.compile(p) for p in ignore]
     produced: dict[str, Array] = {}
     origin: dict[str, str] = {}
+    src_dtype: dict[str, np.dtype] = {}  # of the source keys a rule mapped
     problems: list[str] = []
     for key in sorted(state_dict):
         rule, m = next(((r, m) for r in rules if (m := r.match(key))), (None, None))
@@ -287,7 +205,9 @@ def convert(
                 problems.append(f"unexpected key {key!r} {tuple(np.shape(state_dict[key]))}: no rule maps it")
             continue
         target = m.expand(rule.target)
-        value = (rule.transform or identity)(np.asarray(state_dict[key]))
+        array = as_numpy(state_dict[key])
+        src_dtype[key] = array.dtype
+        value = (rule.transform or identity)(array)
         items = value.items() if isinstance(value, Mapping) else [("", value)]
         for sub, arr in items:
             path = "/".join(p for p in (target, sub) if p)
@@ -295,23 +215,68 @@ def convert(
                 problems.append(f"{key!r} and {origin[path]!r} both map to {path!r}")
             produced[path], origin[path] = np.asarray(arr), key
     if expected is not None:
-        want = {k: v for k, v in flatten(expected).items()}
+        want = flatten(expected)
+        not_float: dict[str, str] = {}  # source key -> a float parameter it would fill
         for path, arr in produced.items():
             if path not in want:
                 problems.append(f"{origin[path]!r} maps to {path!r}, which the model does not have")
-            elif tuple(arr.shape) != tuple(want[path].shape):
+                continue
+            if tuple(arr.shape) != tuple(want[path].shape):
                 problems.append(
                     f"{origin[path]!r} -> {path!r}: shape {tuple(arr.shape)} from the checkpoint, "
                     f"the model expects {tuple(want[path].shape)}"
                 )
+            if is_float(want[path].dtype) and not is_float(arr.dtype):
+                not_float.setdefault(origin[path], path)
+        for key, path in not_float.items():
+            problems.append(
+                f"{key!r} holds {src_dtype[key]} values, but the model's {path!r} is a {np.dtype(want[path].dtype)} "
+                "weight (integer and bool tensors are not weights)"
+            )
         for path in sorted(set(want) - set(produced)):
-            problems.append(f"missing: the model's {path!r} {tuple(want[path].shape)} has no source key")
-        if not problems:
-            produced = {p: a.astype(np.dtype(want[p].dtype)) for p, a in produced.items()}
+            names = source_names(path, rules)
+            looked = f"; looked for {' or '.join(map(repr, names))}" if names else ""
+            problems.append(f"missing: the model's {path!r} {tuple(want[path].shape)} has no source key{looked}")
+        dtypes = {p: np.dtype(want[p].dtype) for p in produced if p in want}
     else:
-        produced = {p: (a.astype(np.float32) if a.dtype.kind == "f" else a) for p, a in produced.items()}
+        dtypes = {p: np.dtype(np.float32) if is_float(a.dtype) else a.dtype for p, a in produced.items()}
     if problems:
         raise ConversionError(
             f"{source}: {len(problems)} problem(s) converting to the Flax model:\n  " + "\n  ".join(problems)
         )
-    return unflatten(produced)
+    _warn_upcast({origin[p]: dtypes[p] for p, a in produced.items() if _widens(a.dtype, dtypes[p])}, src_dtype, source)
+    counts = Counter(d.name for d in src_dtype.values())
+    return unflatten({p: a.astype(dtypes[p]) for p, a in produced.items()}), dict(sorted(counts.items()))
+
+
+# ------------------------------------------------------------------------------------------- dtypes
+def as_numpy(value: Any) -> Array:
+    """A torch tensor or array-like as a numpy array of the same dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    t = value.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret the bits
+        import torch  # already imported: ``value`` is a torch tensor
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating-point type (numpy's, or ``ml_dtypes``' bfloat16 and float8 types)."""
+    d = np.dtype(dtype)
+    return d.kind == "f" or "float" in d.name
+
+
+def _widens(src: np.dtype, dst: np.dtype) -> bool:
+    return is_float(src) and is_float(dst) and src.itemsize < dst.itemsize
+
+
+def _warn_upcast(upcast: Mapping[str, np.dtype], src_dtype: Mapping[str, np.dtype], source: str) -> None:
+    """One :class:`UpcastWarning` saying how many tensors of each narrow float dtype were widened to what."""
+    if not upcast:
+        return
+    counts = Counter(src_dtype[k].name for k in upcast)
+    what = " and ".join(f"{n} {d}" for d, n in sorted(counts.items()))
+    to = "/".join(sorted({d.name for d in upcast.values()}))
+    warnings.warn(UpcastWarning(f"{source}: upcast {what} tensor(s) to {to}"), stacklevel=3)

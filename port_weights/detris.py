@@ -23,19 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from port_weights.checkpoint import dropped_keys, load_torch_checkpoint, strip_prefix
 from port_weights.common import (
     ConversionError,
     Rule,
     conv1d,
     conv2d,
     conv_transpose2d,
-    convert,
-    dropped_keys,
+    convert_with_dtypes,
     heads_out,
     linear,
-    load_torch_checkpoint,
     split_in_proj,
-    strip_prefix,
 )
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).
@@ -194,14 +192,15 @@ def model_ignore() -> list[str]:
 
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray], model_config: Any, source: str = "checkpoint"
-) -> dict[str, Any]:
-    """An official-layout DETRIS state dict (``module.`` already stripped) -> ``{"params", "batch_stats"}`` of
-    ``build_model(model_config)``. Every unmapped, missing or mis-shaped key is reported in one ConversionError."""
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """An official-layout DETRIS state dict (``module.`` already stripped) -> (``{"params", "batch_stats"}`` of
+    ``build_model(model_config)``, the source tensors' dtype counts). Every unmapped, missing or mis-shaped key
+    is reported in one ConversionError."""
     from wimfris_jax.load import expected_variables
     from wimfris_jax.model import build_model
 
     expected = expected_variables(build_model(model_config), model_config)
-    return convert(state_dict, model_rules(model_config), expected, model_ignore(), source)
+    return convert_with_dtypes(state_dict, model_rules(model_config), expected, model_ignore(), source)
 
 
 def load_config(name_or_path: str | Any) -> tuple[Any, str]:
@@ -225,6 +224,7 @@ def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str
 
     ``variables`` is the whole ``{"params": ..., "batch_stats": ...}`` dict; ``python -m port_weights`` stores it
     as the file's params entry, and ``meta["collections"]`` tells :func:`wimfris_jax.load_model` so.
+    ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype.
     """
     from port_weights import dinov2
 
@@ -236,7 +236,7 @@ def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str
             raise ConversionError(f"{src}: DINOv2 width {width}; DETRIS checkpoints have {sorted(CONFIGS)}")
         config = CONFIGS[width]
     cfg, name = load_config(config)
-    variables = convert_state_dict(state_dict, cfg.model, source=src)
+    variables, dtypes = convert_state_dict(state_dict, cfg.model, source=src)
     vision = dict(cfg.model.vision)
     meta = {
         "family": "detris",
@@ -246,5 +246,6 @@ def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str
         "vision": vision,
         "text": dict(cfg.model.text),
         "dropped": dropped_keys(state_dict, model_ignore()),
+        "source_dtypes": dtypes,
     }
     return variables, meta

@@ -27,20 +27,22 @@ from typing import Any
 
 import numpy as np
 
+from port_weights.checkpoint import (
+    block_count,
+    dropped_keys,
+    infer_num_heads,
+    load_torch_checkpoint,
+    only_one,
+    read_hf_config,
+)
 from port_weights.common import (
     ConversionError,
     Rule,
-    block_count,
     conv2d,
-    convert,
-    dropped_keys,
+    convert_with_dtypes,
     heads_out,
-    infer_num_heads,
     linear,
-    load_torch_checkpoint,
-    only_one,
     path_prefix,
-    read_hf_config,
     split_in_proj,
     split_qkv_rules,
 )
@@ -233,7 +235,7 @@ def convert_state_dict(
     own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
     table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
     ignore = ignore_patterns(prefix, layout)
-    params = convert(own, table, expected_params(config), ignore=ignore, source=source)
+    params, dtypes = convert_with_dtypes(own, table, expected_params(config), ignore=ignore, source=source)
     if layout == "hf":
         v5 = any(re.search(r"attention\.q_proj\.weight$", k) for k in own)
         layout = "hf-v5" if v5 else "hf-v4"
@@ -245,6 +247,7 @@ def convert_state_dict(
         "interpolation": config["interpolation"],
         "dropped": dropped_keys(own, ignore),
         "skipped": len(state_dict) - len(own),
+        "source_dtypes": dtypes,
     }
     return params, meta
 
@@ -252,7 +255,8 @@ def convert_state_dict(
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Reads a DINOv2 checkpoint (torch-hub .pth, HF folder / .safetensors / .bin, DETRIS .pth) -> (params, meta).
 
-    ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.DinoV2` fields, resampling rule included.
+    ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.DinoV2` fields, resampling rule included;
+    ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype (``{"float32": 223}``).
     """
     hf_config = read_hf_config(src)
     if not str(hf_config.get("model_type", "")).startswith("dinov2"):

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from port_weights.checkpoint import dropped_keys, load_torch_checkpoint
 from port_weights.common import (
     ConversionError,
     Rule,
     conv1d,
-    convert,
-    dropped_keys,
+    convert_with_dtypes,
     linear,
-    load_torch_checkpoint,
     path_prefix,
 )
 
@@ -107,20 +106,22 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "chec
     layers = sorted(i for _, i in found)
     if not layers:
         config = infer_config(state_dict, "", source)
-        params = convert(state_dict, mixer_rules(), expected_params(config), source=source)
-        return params, {"family": "mamba", "config": config, "layers": None}
+        params, dtypes = convert_with_dtypes(state_dict, mixer_rules(), expected_params(config), source=source)
+        return params, {"family": "mamba", "config": config, "layers": None, "source_dtypes": dtypes}
     prefix = prefixes[0]
     config = infer_config(state_dict, f"{prefix}layers.{layers[0]}.mixer.", source)
     one = expected_params(config)
     rules = [r for i in layers for r in mixer_rules(f"{prefix}layers.{i}.mixer.", f"layers_{i}")]
-    params = convert(state_dict, rules, {f"layers_{i}": one for i in layers}, ignore=NON_MIXER, source=source)
+    expected = {f"layers_{i}": one for i in layers}
+    params, dtypes = convert_with_dtypes(state_dict, rules, expected, ignore=NON_MIXER, source=source)
     dropped = dropped_keys(state_dict, NON_MIXER)
-    return params, {"family": "mamba", "config": config, "layers": layers, "dropped": dropped}
+    return params, {"family": "mamba", "config": config, "layers": layers, "dropped": dropped, "source_dtypes": dtypes}
 
 
 def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads a MambaMixer / MambaModel / MambaForCausalLM checkpoint (file or HF folder) -> (params, meta).
 
-    ``meta["config"]`` holds the :class:`~wimfris_jax.ssm.Mamba` arguments that fit the weights.
+    ``meta["config"]`` holds the :class:`~wimfris_jax.ssm.Mamba` arguments that fit the weights;
+    ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype.
     """
     return convert_state_dict(load_torch_checkpoint(src), source=src)

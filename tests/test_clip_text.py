@@ -254,6 +254,7 @@ def test_bad_checkpoint_names_every_key(tmp_path):
     assert msg.startswith(src) and "3 problem(s)" in msg
     for part in ("'transformer.resblocks.1.ln_one.bias'", "'blocks_1/ln_1/bias'", "'ln_final/scale'"):
         assert part in msg, part
+    assert "looked for 'transformer.resblocks.1.ln_1.bias'" in msg and "looked for 'ln_final.weight'" in msg
 
 
 @pytest.mark.slow

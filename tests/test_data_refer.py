@@ -2,15 +2,18 @@
 
 import os
 import pickle
+import time
 
 import cv2
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from data_pipeline import refer
 from data_pipeline.fake_refcoco import SPLITS, write_fake_refcoco
 from data_pipeline.preprocess import ExampleError, preprocess_eval, preprocess_train
-from data_pipeline.refer import ReferSource, load_refs
+from data_pipeline.refer import ReferSource, RefsFileError, UnsafeRefsError, load_refs
+from wimfris_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def test_restricted_unpickler_refuses_code(fake, tmp_path):
     assert not (tmp_path / "pwned").exists()
     with open(path, "wb") as f:
         pickle.dump({"not": "a list"}, f, protocol=2)
-    with pytest.raises(ValueError, match="expected a list of ref dicts"):
+    with pytest.raises(RefsFileError, match="expected a list of ref dicts"):
         load_refs(str(path))
 
 
@@ -124,3 +127,51 @@ def test_missing_files_and_bad_arguments(fake, tmp_path):
     finally:
         os.rename(os.path.join(info["image_dir"], name + ".bak"), os.path.join(info["image_dir"], name))
     assert repr(src) == repr(ReferSource(root, "refcoco", "unc", "val"))
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    return str(path)
+
+
+def test_memo_bomb_fails_fast_naming_the_file(tmp_path, monkeypatch):
+    """A ~290-byte pickle of lists sharing their children 40 deep (2**40 paths) fails in well under 2 s."""
+    x = []
+    for _ in range(40):
+        x = [x, x]
+    path = _dump(tmp_path / "refs(unc).p", x)
+    assert os.path.getsize(path) < 300
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"refs\(unc\)\.p: nested deeper than 32 levels") as e:
+        load_refs(path)
+    assert time.perf_counter() - t0 < 2.0
+    assert isinstance(e.value, RefsFileError) and "\n" not in str(e.value)
+    monkeypatch.setattr(refer, "MAX_DEPTH", 64)  # the expansion bound stops it on its own too
+    t0 = time.perf_counter()
+    with pytest.raises(RefsFileError, match=r"refs\(unc\)\.p: expands to more than [\d,]+ values"):
+        load_refs(path)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_shared_references_deep_nesting_size_and_sized_bytes_are_bounded(tmp_path):
+    row = [{"ref_id": i, "ann_id": i, "image_id": 1, "split": "train", "sentences": []} for i in range(50)]
+    path = _dump(tmp_path / "wide.p", [row] * 2000)  # 20 kB whose values, shared, count 1.2 million times
+    with pytest.raises(RefsFileError, match=r"wide\.p: expands to more than [\d,]+ values.*pickle memo"):
+        load_refs(path)
+    deep = [{"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "train", "sentences": []}]
+    for _ in range(33):
+        deep = [deep]
+    with pytest.raises(RefsFileError, match=r"deep\.p: nested deeper than 32 levels"):
+        load_refs(_dump(tmp_path / "deep.p", deep))
+    ok = _dump(tmp_path / "ok.p", [{"ref_id": 1, "ann_id": 2, "image_id": 3, "split": "val", "sentences": ["a"] * 9}])
+    assert load_refs(ok)[0]["sentences"] == ["a"] * 9  # a string shared through the memo is no amplification
+    with pytest.raises(RefsFileError, match=rf"ok\.p: {os.path.getsize(ok):,} bytes, over the 64-byte limit"):
+        load_refs(ok, max_bytes=64)
+    bomb = b"\x80\x02c__builtin__\nbytes\nq\x00\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85q\x01Rq\x02."  # bytes(10**12)
+    (tmp_path / "bomb.p").write_bytes(bomb)
+    with pytest.raises(UnsafeRefsError, match=r"bomb\.p: refusing bytes\(1000000000000\)"):
+        load_refs(str(tmp_path / "bomb.p"))
+    (tmp_path / "text.p").write_bytes(b"hello")
+    with pytest.raises(RefsFileError, match=r"text\.p: not a readable refs pickle"):
+        load_refs(str(tmp_path / "text.p"))

@@ -188,6 +188,8 @@ def test_tiny_converter_reports_every_bad_key(tiny):
     assert "unexpected key 'dinov2.blocks.3.adapter.cross.txt_proj.weight'" in msg
     assert "missing: the model's 'params/dense_aligner_3/cross/text_proj/kernel'" in msg
     assert "missing: the model's 'batch_stats/neck/coordconv_1_1/mean'" in msg
+    assert "looked for 'neck.coordconv.1.1.running_mean'" in msg  # the source name, without DDP's 'module.'
+    assert "looked for 'dinov2.blocks.3.adapter.cross.text_proj.weight'" in msg
     assert "'proj.txt.bias' -> 'params/projector/txt/bias': shape (144,) from the checkpoint" in msg
 
 

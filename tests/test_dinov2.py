@@ -246,6 +246,7 @@ def test_bad_checkpoint_names_every_key(tmp_path):
     assert msg.startswith(src) and "4 problem(s)" in msg
     for part in ("'blocks.0.norm_1.weight'", "'blocks_0/norm1/scale'", "'blocks_1/ls2'", "'blocks.1.attn.proj.weight'"):
         assert part in msg, part
+    assert "looked for 'blocks.0.norm1.weight'" in msg and "looked for 'blocks.1.ls2.gamma'" in msg  # source names
 
 
 def test_detris_prefix_skips_the_rest_of_the_model():

@@ -84,6 +84,7 @@ def test_renamed_or_misshaped_key_is_named():
         port.convert_state_dict(sd, source="mixer.pth")
     msg = str(e.value)
     assert msg.startswith("mixer.pth") and "'x_proj.weigth'" in msg and "'x_proj/kernel'" in msg
+    assert "'x_proj/kernel' (48, 18) has no source key; looked for 'x_proj.weight'" in msg
 
     _, sd = _mixer()
     sd["D"] = sd["D"][:-1]

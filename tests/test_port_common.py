@@ -1,9 +1,10 @@
 """The converter core reports every bad key at once and maps names through its rule table."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
-from port_weights.common import ConversionError, Rule, conv2d, convert, linear
+from port_weights.common import ConversionError, Rule, UpcastWarning, conv2d, convert, convert_with_dtypes, linear
 
 RULES = [
     Rule(r"blocks\.(\d+)\.fc\.weight", r"block_\1/fc/kernel", linear),
@@ -55,6 +56,14 @@ def test_convert_reports_every_problem_at_once():
     assert "'blocks.0.fc.weigth'" in msg and "'extra.thing'" in msg
     assert "missing: the model's 'block_0/fc/kernel'" in msg
     assert "shape (3, 3, 2, 4)" in msg and msg.startswith("ckpt.pth")
+
+
+def test_without_expected_floats_become_float32_and_integers_stay():
+    sd = {"blocks.0.fc.weight": np.full((3, 2), 1.5, ml_dtypes.bfloat16), "blocks.0.fc.bias": np.arange(3)}
+    with pytest.warns(UpcastWarning, match=r"^ckpt: upcast 1 bfloat16 tensor\(s\) to float32$"):
+        p, dtypes = convert_with_dtypes(sd, RULES, source="ckpt")
+    assert p["block_0"]["fc"]["kernel"].dtype == np.float32 and p["block_0"]["fc"]["kernel"][1, 2] == 1.5
+    assert p["block_0"]["fc"]["bias"].dtype == np.int64 and dtypes == {"bfloat16": 1, "int64": 1}
 
 
 def test_ignore_patterns_drop_known_keys():
