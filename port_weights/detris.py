@@ -1,17 +1,16 @@
-"""DETRIS checkpoint -> Flax: the whole DETRIS model (``python -m port_weights detris SRC OUT``) and rule builders
-for its parts.
+"""DETRIS checkpoint -> Flax: the whole DETRIS model (``python -m port_weights detris SRC OUT``) and rule builders for
+its parts.
 
-DETRIS (jiaqihuang01/DETRIS) names, listed in detris_state_dict_keys.txt: ``txt_backbone.*`` (OpenAI CLIP text
-tower; D-MoC text adapters under ``transformer.resblocks.{i}.adapter.*``), ``dinov2.*`` (torch-hub DINOv2; Dense
-Aligners under ``blocks.{i}.adapter.*``), ``neck.*``, ``decoder.layers.{i}.{norm1,norm2,norm3,self_attn_norm,
+DETRIS (jiaqihuang01/DETRIS) names, listed in tests/data/detris_b_state_dict_keys.txt: ``txt_backbone.*`` (OpenAI
+CLIP text tower; D-MoC text adapters under ``transformer.resblocks.{i}.adapter.*``), ``dinov2.*`` (torch-hub DINOv2;
+Dense Aligners under ``blocks.{i}.adapter.*``), ``neck.*``, ``decoder.layers.{i}.{norm1,norm2,norm3,self_attn_norm,
 cross_attn_norm}``, ``decoder.layers.{i}.{self_attn,multihead_attn}`` (fused ``in_proj_weight``/``in_proj_bias`` +
 ``out_proj``), ``decoder.layers.{i}.ffn.{0,3,4}``, ``decoder.norm``, ``proj.vis.{1,3}.{0 (conv), 1 (BatchNorm)}``,
 ``proj.vis.4`` (1x1 conv), ``proj.txt``.
 
 Targets carry the variable collection as their first component (``params/...`` and, for BatchNorm running
-statistics, ``batch_stats/...``), so one ``convert(state_dict, rules, expected=<full variables>)`` call fills
-both collections. ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``convert``.
-"""
+statistics, ``batch_stats/...``), so one ``convert(state_dict, rules, expected=<full variables>)`` call fills both
+collections. ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``convert``."""
 
 from __future__ import annotations
 

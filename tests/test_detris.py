@@ -3,6 +3,7 @@ parameter summary, and end-to-end parity with a PyTorch DETRIS (tests/torch_ref/
 
 import functools
 import math
+import os
 import re
 
 import jax
@@ -14,14 +15,14 @@ from wimfris_jax.io import flatten, save_params
 
 torch = pytest.importorskip("torch")
 
-KEYS_TXT = "/work/shared/design/detris_state_dict_keys.txt"
+KEYS_TXT = os.path.join(os.path.dirname(__file__), "data", "detris_b_state_dict_keys.txt")
 OFFICIAL_TOTAL = 175_529_778
 
 
 def official_shapes(path=KEYS_TXT, text_layers=(1, 3, 5, 7, 9, 11), vision_layers=(1, 3, 5, 7, 9, 11), depth=12):
-    """{name: shape} of a whole DETRIS-B checkpoint from detris_state_dict_keys.txt, whose towers list blocks 0
-    (plain) and 1 (with adapter) only: block 0's names repeat for every block, block 1's adapter names for every
-    adapted block."""
+    """{name: shape} of a whole DETRIS-B checkpoint from tests/data/detris_b_state_dict_keys.txt, whose towers list
+    blocks 0 (plain) and 1 (with adapter) only: block 0's names repeat for every block, block 1's adapter names for
+    every adapted block."""
     out = {}
     blk = re.compile(r"(txt_backbone\.transformer\.resblocks|dinov2\.blocks)\.([01])\.(.*)")
     with open(path) as f:

@@ -1,5 +1,5 @@
 """Referring-segmentation scores as DETRIS computes them (DETRIS ``engine/engine.py`` ``inference``; LAVT's
-protocol; DETRIS_FACTS.md "Metrics"). WIMFRIS reports mIoU "following Wang et al. (2022)", the same protocol.
+protocol; docs/detris_code.md "Metrics"). WIMFRIS reports mIoU "following Wang et al. (2022)", the same protocol.
 
 Evaluation, per expression: sigmoid(logits) -> PyTorch bicubic (a = -0.75, align_corners=True) to the letterboxed
 input size -> ``cv2.warpAffine`` with the inverse letterbox matrix (INTER_CUBIC, border 0) to the original image

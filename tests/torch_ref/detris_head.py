@@ -1,4 +1,4 @@
-"""PyTorch reference of DETRIS's decoder and projector, written from DETRIS_FACTS.md ("Decoder", "Projector").
+"""PyTorch reference of DETRIS's decoder and projector, written from docs/detris_code.md ("Decoder", "Projector").
 
 Parameter names equal an official DETRIS checkpoint's (``decoder.layers.{i}.*``, ``decoder.norm.*``,
 ``proj.vis.*``, ``proj.txt.*``), so ``state_dict()`` of :class:`DetrisHead` is a stand-in for the checkpoint.

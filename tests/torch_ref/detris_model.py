@@ -1,4 +1,4 @@
-"""A whole DETRIS in PyTorch at any size, written from DETRIS_FACTS.md, with the parameter names of an official
+"""A whole DETRIS in PyTorch at any size, written from docs/detris_code.md, with the parameter names of an official
 DETRIS checkpoint (``txt_backbone.*``, ``dinov2.*``, ``neck.*``, ``decoder.*``, ``proj.*``).
 
 Its ``state_dict()`` is an official-layout checkpoint of its sizes, so a tiny instance tests the whole converter

@@ -1,4 +1,4 @@
-"""PyTorch references of DETRIS's Dense Aligner, text adapter and neck, written from DETRIS_FACTS.md.
+"""PyTorch references of DETRIS's Dense Aligner, text adapter and neck, written from docs/detris_code.md.
 
 Parameter names equal an official DETRIS checkpoint's (relative to ``dinov2.blocks.{i}.adapter.``,
 ``txt_backbone.transformer.resblocks.{i}.adapter.`` and ``neck.``), so their ``state_dict()`` stands in for

@@ -1,7 +1,7 @@
 """DETRIS adapters: the Dense Aligner (vision) and the D-MoC text adapter, DETRIS eq. (1)-(4).
 
 Source: DETRIS (Huang et al. 2025) Sec. "Dense Aligner" / "Text Adapter", eq. (1)-(4), and the facts read from
-its public code (DETRIS_FACTS.md "Where adapters sit"). With d the adapter width (128 vision, 64 text):
+its public code (docs/detris_code.md "Where adapters sit"). With d the adapter width (128 vision, 64 text):
 
     F      = ReLU(D_fc1(x))                                       (B, T, d)              eq. (1), (4)
     D-MoC  on the tokens after the first P (cls [+ registers]), channels-last:              eq. (2)

@@ -7,7 +7,7 @@ RFMixer, eq. (2), on the patch tokens as a map x (B, h, w, d):
     x_mix = x~ * x                                        (Hadamard product)
 
 MSA (Fig. 2c), applied to the normed token stream n2 = norm2(x) of a DINOv2 block (DETRIS's vision-adapter
-seam: ``x = x + ls2(mlp(n2) + MSA(n2))``, DETRIS_FACTS.md "Where adapters sit"):
+seam: ``x = x + ls2(mlp(n2) + MSA(n2))``, docs/detris_code.md "Where adapters sit"):
 
     x0      = ReLU(Down(n2))                              (B, T, d), T = P + h*w, P = 1 + registers
     x_mix   = [x0[:, :P], RFMixer(x0[:, P:])]             prefix (cls, registers) tokens bypass the convolutions

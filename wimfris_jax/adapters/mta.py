@@ -8,7 +8,7 @@
 The middle line is exactly a Mamba block (:class:`wimfris_jax.ssm.mamba.Mamba`: in_proj gives x and z, causal
 depthwise conv1d, SiLU, selective scan, gate by SiLU(z), out_proj), so the adapter is
 ``Up(Mamba(x_fc) + x_fc)``. It plugs into the CLIP text tower beside the MLP, reading the residual stream after
-attention (DETRIS's text-adapter seam, DETRIS_FACTS.md "Where adapters sit"):
+attention (DETRIS's text-adapter seam, docs/detris_code.md "Where adapters sit"):
 ``x = x + mlp(ln_2(x)) + scale * MTA(x)``, ``scale`` = DETRIS's fixed 0.2 (the paper gives the learnable
 emphasis to the vision side only). The caller applies the scale (see :mod:`wimfris_jax.model`).
 

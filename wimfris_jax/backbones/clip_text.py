@@ -1,7 +1,7 @@
 """CLIP text transformer (Radford et al. 2021), the frozen text encoder of WIMFRIS (Fig. 2a), as DETRIS uses it.
 
 Source: OpenAI ``clip/model.py`` (``CLIP.encode_text``) and transformers ``CLIPTextModel``; DETRIS reads it as in
-DETRIS_FACTS.md ("Backbones and how they are read"):
+docs/detris_code.md ("Backbones and how they are read"):
 
     x = token_embedding(ids) + positional_embedding[:L]                                   (B, L, W)
     block:  x = x + attn(ln_1(x), causal mask)

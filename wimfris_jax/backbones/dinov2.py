@@ -9,7 +9,7 @@ resampling (see :func:`interpolate_pos_embed`).
              x = x + ls2 * (mlp(n2) [+ adapter_i(n2)]),  n2 = norm2(x)                   (adapter seam, MSA)
     out:     hidden_states = (tokens, block_0(...), ..., block_{depth-1}(...)); last_hidden_state = norm(last)
 
-The adapter seam is DETRIS's vision-adapter placement (DETRIS_FACTS.md "Where adapters sit"); WIMFRIS's MSA
+The adapter seam is DETRIS's vision-adapter placement (docs/detris_code.md "Where adapters sit"); WIMFRIS's MSA
 (eq. 2-3) plugs in there. The backbone knows nothing about the adapter: it is any callable (B, T, C) -> (B, T, C),
 typically a bound submodule of the parent model, so its parameters live in the parent's scope.
 """

@@ -1,7 +1,7 @@
 """The DETRIS vision-language task decoder that WIMFRIS reuses after its neck.
 
 Source: DETRIS (Huang et al. 2025) ``model/layers.py`` ``Decoder`` / ``DecoderLayer``, restated in
-DETRIS_FACTS.md "Decoder"; WIMFRIS (implementation details): "We leverage the task decoder from DETRIS". Each of
+docs/detris_code.md "Decoder"; WIMFRIS (implementation details): "We leverage the task decoder from DETRIS". Each of
 the pre-norm layers computes, with pos2d/pos1d the fixed encodings of :mod:`wimfris_jax.decoder.position`::
 
     v2 = norm1(v);  v = v + drop(self_attn_norm(MHA(q=k=v2 + pos2d, v=v2)))

@@ -1,4 +1,4 @@
-"""Fixed sine/cosine position encodings of the DETRIS task decoder (DETRIS_FACTS.md "Decoder";
+"""Fixed sine/cosine position encodings of the DETRIS task decoder (docs/detris_code.md "Decoder";
 DETRIS ``model/layers.py`` ``Decoder.pos1d`` / ``Decoder.pos2d``; the 1-D form is Vaswani et al. 2017, eq. in §3.5).
 
 Both are constants of the shapes, built in numpy (float64, cast to float32 like PyTorch's float32 tables).

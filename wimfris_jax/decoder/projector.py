@@ -1,6 +1,6 @@
 """The DETRIS mask head ("Projector"): upsampled pixel features scored against a text-generated kernel.
 
-Source: DETRIS ``model/layers.py`` ``Projector`` (DETRIS_FACTS.md "Projector"), reused by WIMFRIS. The
+Source: DETRIS ``model/layers.py`` ``Projector`` (docs/detris_code.md "Projector"), reused by WIMFRIS. The
 per-pixel score ``<kernel(f_s), Z_c^i> + bias(f_s)`` (a 3x3 neighbourhood of pixel features against a kernel
 generated from the sentence feature) is the text-to-pixel contrastive score Z_t . Z_c^i of WIMFRIS eq. (5).
 

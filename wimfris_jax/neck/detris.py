@@ -1,6 +1,6 @@
 """The DETRIS cross-modal neck (DETRIS eq. (5); the neck WIMFRIS replaces with HMF, WIMFRIS Table 1 "DETRIS").
 
-Source: DETRIS ``model/layers.py`` ``Neck`` / ``CrossAttn`` / ``CoordConv``, restated in DETRIS_FACTS.md
+Source: DETRIS ``model/layers.py`` ``Neck`` / ``CrossAttn`` / ``CoordConv``, restated in docs/detris_code.md
 "Neck that WIMFRIS replaces". With maps v3, v4, v5 (B, h, w, Cv) (blocks 4 and 8 pre-norm, the last block
 post-norm) and the sentence feature s (B, Ct):
 

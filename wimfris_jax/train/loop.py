@@ -1,6 +1,6 @@
 """The training loop: data -> sharded train step -> logs, checkpoints, evaluation, resume, Ctrl-C.
 
-Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; DETRIS_FACTS.md "Loss and training")
+Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; docs/detris_code.md "Loss and training")
 around :mod:`~wimfris_jax.train.step`. Every piece is built from the config unless injected (tests inject a
 toy model; the CLI may inject pretrained variables through ``init_fn``).
 

@@ -1,6 +1,6 @@
 """Optimiser and learning-rate schedule of the DETRIS / WIMFRIS recipe.
 
-DETRIS (config/*.yaml, train.py; DETRIS_FACTS.md "Loss and training") and WIMFRIS Sec. 4.1: Adam
+DETRIS (config/*.yaml, train.py; docs/detris_code.md "Loss and training") and WIMFRIS Sec. 4.1: Adam
 (b1 0.9, b2 0.999, eps 1e-8), no weight decay, no gradient clipping, base lr 1e-4 (B) / 2e-4 (L),
 multiplied by 0.1 at each milestone epoch (PyTorch ``MultiStepLR`` stepped once per epoch). Here the
 schedule is per update: the update with optimiser count ``c`` (0-based) uses
