@@ -6,8 +6,8 @@
 - ``dice_loss``: eqs. (7)-(8), on sigmoid probabilities, per sample, then 1 - mean.
 - ``window_targets`` / ``window_alignment_loss``: eq. (9). The mask is taken to the feature grid (h, w) by
   PyTorch's nearest rule (source index floor(i * in / out), DETRIS's ``F.interpolate(mode='nearest')``), binarised
-  (>= 0.5) and max-pooled over non-overlapping (wh, ww) windows, ordered row-major like the Window Mamba Fuser:
-  window j = (r // wh) * (w // ww) + (c // ww).
+  (>= 0.5) and max-pooled over non-overlapping (wh, ww) windows taken by the Window Mamba Fuser's own
+  ``window_partition`` (row-major: window j = (r // wh) * (w // ww) + (c // ww)), so the orders cannot drift.
 - ``wimfris_loss``: eq. (10) with (lambda_con, lambda_dice, lambda_align) = (0.5, 0.3, 0.2).
 
 All reductions run in float32 whatever the logits' dtype.
@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from wimfris_jax.neck.wmf import window_partition
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -75,9 +77,7 @@ def window_targets(mask: jnp.ndarray, grid: Sequence[int], window: Sequence[int]
     if h % wh or w % ww:
         raise ValueError(f"window {tuple(window)} does not tile the grid {tuple(grid)}")
     m = nearest_resize(mask, (h, w)).astype(jnp.float32) >= 0.5  # (B, h, w)
-    b = m.shape[0]
-    m = m.reshape(b, h // wh, wh, w // ww, ww).max(axis=(2, 4))
-    return m.reshape(b, -1).astype(jnp.float32)
+    return window_partition(m[..., None], (wh, ww)).max(axis=(2, 3)).astype(jnp.float32)  # the WMF's window order
 
 
 def window_alignment_loss(window_logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:

@@ -34,6 +34,8 @@ from wimfris_jax.adapters.detris import DenseAligner, TextAdapter
 from wimfris_jax.adapters.msa import MultiScaleAligner
 from wimfris_jax.adapters.mta import MambaTextAdapter
 from wimfris_jax.attention import IMPLEMENTATIONS
+from wimfris_jax.backbones.clip_text import ClipText
+from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
 from wimfris_jax.decoder import Decoder, Projector
 from wimfris_jax.layers import resolve_remat
 from wimfris_jax.losses import wimfris_loss
@@ -141,18 +143,18 @@ class Wimfris(nn.Module):
         return out
 
 
-def _backbones(cfg: Any, dtype: Any = None, remat_mode: str = "none") -> tuple[nn.Module, nn.Module]:
-    from wimfris_jax.backbones.clip_text import ClipText
-    from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
+def vision_fields(model_config: Any) -> dict[str, Any]:
+    """:class:`DinoV2` fields of ``config.model.vision``: a ``preset`` expanded (:func:`dinov2_config`), then the
+    explicit fields on top."""
+    fields = dict(model_config.vision)
+    preset = fields.pop("preset", None)
+    return {**dinov2_config(preset), **fields} if preset is not None else fields
 
-    attention = _attention(cfg)
-    text_kw = dict(cfg.text)
-    vision_kw = dict(cfg.vision)
-    preset = vision_kw.pop("preset", None)
-    if preset is not None:
-        vision_kw = {**dinov2_config(preset), **vision_kw}
-    common = dict(dtype=dtype, attention=attention, remat_mode=remat_mode)
-    return ClipText(**common, **text_kw), DinoV2(**common, **vision_kw)
+
+def build_backbones(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> tuple[ClipText, DinoV2]:
+    """The text and vision towers of ``config.model`` (``attention``, ``dtype`` and ``remat_mode`` applied)."""
+    common = dict(dtype=dtype, attention=_attention(model_config), remat_mode=remat_mode)
+    return ClipText(**common, **dict(model_config.text)), DinoV2(**common, **vision_fields(model_config))
 
 
 def _attention(cfg: Any) -> str:
@@ -220,7 +222,7 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
     """
     cfg = model_config
     remat_mode = resolve_remat(remat_mode)
-    text, vision = _backbones(cfg, dtype, remat_mode)
+    text, vision = build_backbones(cfg, dtype, remat_mode)
     text_layers, text_kwargs, text_scale, vision_layers, vision_kwargs = _adapter_config(cfg, text.width, dtype)
     _check(cfg, text, vision, text_layers, vision_layers)
     neck_cfg = dict(cfg.neck)
@@ -251,9 +253,8 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
 
 def feature_grid(model_config: Any) -> tuple[int, int]:
     """(h, w) of the neck's feature map: image_size // patch_size."""
-    _, vision = _backbones(model_config)
-    s = int(model_config.image_size)
-    return (s // vision.patch_size, s // vision.patch_size)
+    s, p = int(model_config.image_size), int(vision_fields(model_config).get("patch_size", DinoV2.patch_size))
+    return (s // p, s // p)
 
 
 def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:

@@ -77,10 +77,9 @@ def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[
 def source_only_count(model_config: Any) -> int:
     """Values of ``config.model.source_only_params``: entries of the source checkpoint (DETRIS's) that the forward
     never reads and the model does not store (DINOv2's mask_token, CLIP's logit_scale)."""
-    from wimfris_jax.model import _backbones
+    from wimfris_jax.model import vision_fields
 
-    _, vision = _backbones(model_config)
-    sizes = {"image_encoder/mask_token": vision.width, "text_encoder/logit_scale": 1}
+    sizes = {"image_encoder/mask_token": int(vision_fields(model_config)["width"]), "text_encoder/logit_scale": 1}
     names = tuple(model_config.get("source_only_params", ()))
     unknown = [n for n in names if n not in sizes]
     if unknown:
