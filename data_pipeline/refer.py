@@ -51,7 +51,8 @@ EXPANSION = 2
 
 
 class RefsFileError(UserError, ValueError):
-    """A refs file that is too large, too deep, self-amplifying, unreadable or not a list of ref dicts."""
+    """A refs file that is too large, too deep, self-amplifying, unreadable or not a list of ref dicts, or a
+    dataset / split_by / split that the refer layout does not have."""
 
 
 class UnsafeRefsError(RefsFileError, pickle.UnpicklingError):
@@ -197,9 +198,9 @@ class ReferSource:
         unit: str = "sentence",
     ):
         if (dataset, split_by) not in VALID:
-            raise ValueError(f"unknown dataset/split_by {dataset!r}/{split_by!r}; valid: {sorted(VALID)}")
+            raise RefsFileError(f"unknown dataset/split_by {dataset!r}/{split_by!r}; valid: {sorted(VALID)}")
         if split not in VALID[(dataset, split_by)]:
-            raise ValueError(f"{dataset}({split_by}) has splits {VALID[(dataset, split_by)]}, not {split!r}")
+            raise RefsFileError(f"{dataset}({split_by}) has splits {VALID[(dataset, split_by)]}, not {split!r}")
         if sentence_field not in ("sent", "raw"):
             raise ValueError(f"sentence_field must be 'sent' (DETRIS) or 'raw', got {sentence_field!r}")
         if unit not in ("sentence", "object"):

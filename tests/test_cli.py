@@ -1,8 +1,10 @@
 """The ``wimfris`` command line: argument errors, config overrides, and predict's one-line errors on bad input
 (missing file, not an image, empty sentence, missing checkpoint), run as a user runs it, in a subprocess."""
 
+import collections
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (not conftest's 8)
     return subprocess.run(
         [sys.executable, "-m", "wimfris_jax.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -154,3 +157,129 @@ def test_train_init_loads_pretrained_backbone(tmp_path, capsys):
     args[-1] = f"text_encoder={tmp_path / 'bad.msgpack'}"
     code, err = _main(capsys, *args, "--workdir", str(tmp_path / "run2"))
     assert code == 1 and "model subtree 'text_encoder'" in err and "ln_final" in err
+
+
+def _read_only_dir(tmp_path):
+    """A folder in which nothing can be created: a chmod 500 folder, or /sys for root (who ignores the mode)."""
+    d = tmp_path / "read_only"
+    d.mkdir()
+    d.chmod(0o500)
+    try:
+        (d / "probe").touch()
+    except PermissionError:
+        return d
+    (d / "probe").unlink()
+    try:
+        os.makedirs("/sys/wimfris_probe")
+    except OSError:
+        return "/sys"
+    os.rmdir("/sys/wimfris_probe")
+    pytest.skip("no read-only folder on this machine")
+
+
+@pytest.fixture(scope="module")
+def user_error_inputs(tmp_path_factory):
+    """Files for each kind of bad input: a tiny parameter file (never read: the errors come first), a truncated
+    and a random-bytes .msgpack, an image, an empty folder, a refer layout whose refs pickle names a class."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from wimfris_jax.io import save_params
+
+    d = tmp_path_factory.mktemp("user_errors")
+    save_params(d / "weights.msgpack", {"w": np.zeros((64, 64), np.float32)}, {})
+    data = (d / "weights.msgpack").read_bytes()
+    (d / "truncated.msgpack").write_bytes(data[: len(data) // 2])
+    (d / "random.msgpack").write_bytes(np.random.default_rng(0).bytes(4096))
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(d / "ok.png")
+    (d / "foreign").mkdir()
+    (d / "refer" / "images" / "mscoco" / "images" / "train2014").mkdir(parents=True)
+    (d / "refer" / "refcoco").mkdir()
+    (d / "refer" / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(collections.OrderedDict(a=1), protocol=2))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run of the tiny config after 1 step (tests/test_checkpoint_reads.py's worker: projector trainable)."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    worker = os.path.join(ROOT, "tests", "test_checkpoint_reads.py")
+    r = subprocess.run([sys.executable, worker, str(run), "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+TRAIN_SMALL = ["--set", "train.global_batch_size=2", "--set", "data.num_train=2", "--set", "train.eval_every_epochs=0",
+               "--set", "train.log_every=1", "--set", "train.trainable=('^projector/',)"]  # fmt: skip
+# name: (arguments, with {d} the inputs, {ro} a read-only folder, {run} a copy of tiny_run; exit status; message)
+USER_ERRORS = {
+    "non-finite loss": (["train", "--config", TINY, "--workdir", "{tmp}/run", *TRAIN_SMALL, "--set", "train.epochs=4",
+                         "--set", "train.lr=1e30"], 1, r"non-finite loss=nan.* at step \d+; training stopped"),
+    "truncated msgpack": (["predict", "--config", TINY, "--checkpoint", "{d}/truncated.msgpack", "--image",
+                           "{d}/ok.png", "--text", "a cat", "--out", "{tmp}/out"], 1,
+                          r"{d}/truncated.msgpack is not a parameter file written by save_params \(ValueError: "),
+    "random-bytes msgpack": (["eval", "--config", TINY, "--checkpoint", "{d}/random.msgpack", "--split", "val"], 1,
+                             r"{d}/random.msgpack is not a parameter file written by save_params \("),
+    "read-only --workdir": (["train", "--config", TINY, "--workdir", "{ro}/run"], 1, r"{ro}/run: \w"),
+    "read-only --out": (["predict", "--config", TINY, "--checkpoint", "{d}/weights.msgpack", "--image", "{d}/ok.png",
+                         "--text", "a cat", "--out", "{ro}/out"], 1, r"--out {ro}/out is not a writable folder \(\w"),
+    "read-only --json": (["eval", "--config", TINY, "--checkpoint", "{d}/weights.msgpack", "--split", "val", "--json",
+                          "{ro}/scores.json"], 1, r"--json {ro}/scores.json cannot be written \(folder {ro}: \w"),
+    "misspelt --split": (["eval", "--config", TINY, "--checkpoint", "{d}/weights.msgpack", "--split", "vall"], 1,
+                         r"synthetic data: unknown split 'vall'; choose from \["),
+    "refused refs pickle": (["eval", "--config", TINY, "--checkpoint", "{d}/weights.msgpack", "--split", "val",
+                             "--set", "data.name=refer", "--set", "data.data_root={d}/refer"], 1,
+                            r"{d}/refer/refcoco/refs\(unc\).p: refusing to load class collections.OrderedDict"),
+    "not a run": (["predict", "--config", TINY, "--checkpoint", "{d}/foreign", "--image", "{d}/ok.png", "--text",
+                   "a cat", "--out", "{tmp}/out"], 1, r"{d}/foreign is not a training run \(no checkpoints/ or best/"),
+    "resume after a model change": (["train", "--config", TINY, "--workdir", "{run}", "--resume", *TRAIN_SMALL, "--set",
+                                     "model.mta.dim=24"], 1,
+                                    r"{run}/checkpoints/1 does not fit the model \(.*\): \S*mta_1/\S+ is "
+                                    r"\((\d+, )*32,?\) in the checkpoint, \((\d+, )*24,?\) in the model; \d+ more "
+                                    r"array\(s\) differ$"),
+    "--batch-size 0": (["predict", "--checkpoint", "{d}/weights.msgpack", "--image", "{d}/ok.png", "--text", "a cat",
+                        "--out", "{tmp}/out", "--batch-size", "0"], 2,
+                       r"argument --batch-size: must be a positive integer, got '0'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_are_one_line(case, user_error_inputs, tmp_path, request):
+    """Every kind of bad input ends the command with one ``wimfris <command>: error:`` line naming the file, key,
+    step or value at fault, no traceback, status 1 (2 for argument errors), and nothing left in the inputs."""
+    args, status, pattern = USER_ERRORS[case]
+    d = str(user_error_inputs)
+    names = {"d": d, "tmp": str(tmp_path), "ro": str(_read_only_dir(tmp_path)) if "{ro}" in " ".join(args) else ""}
+    if "{run}" in " ".join(args):
+        names["run"] = str(tmp_path / "run")
+        shutil.copytree(request.getfixturevalue("tiny_run"), names["run"])
+    before = sorted(os.walk(d))
+    r = run_cli(*(a.format(**names) for a in args))
+    assert r.returncode == status and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("wimfris ")]  # not tqdm's progress bars
+    assert len(lines) == 1 and lines[0].startswith(f"wimfris {args[0]}: error: "), r.stderr[-3000:]
+    assert re.search(pattern.format(**{k: re.escape(v) for k, v in names.items()}), lines[0]), lines[0]
+    assert sorted(os.walk(d)) == before and not (tmp_path / "out").exists()  # nothing created
+
+
+def test_debug_and_internal_errors_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    """Bad input is classified by exception type; ``--debug`` re-raises it; anything else (a bug) is re-raised."""
+    from wimfris_jax.predict import PredictError
+
+    assert cli._expected(PermissionError(13, "Permission denied", "/x")) and cli._expected(PredictError("x"))
+    assert cli._message(IsADirectoryError(21, "Is a directory", "/x/out")) == "/x/out: Is a directory"
+    assert not cli._expected(OSError("device lost")) and not cli._expected(RuntimeError("bug"))
+    args = ["predict", "--checkpoint", str(tmp_path / "none"), "--image", os.path.join(ROOT, "README.md"), "--text",
+            "a cat", "--out", str(tmp_path / "out")]  # fmt: skip
+    code, err = _main(capsys, *args)
+    assert code == 1 and err.startswith("wimfris predict: error: ") and len(err.strip().splitlines()) == 1
+    with pytest.raises(PredictError, match="is not a readable image"):
+        cli.main([*args, "--debug"])
+    monkeypatch.setattr(cli, "cmd_summary", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["summary", "--config", TINY])

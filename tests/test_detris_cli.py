@@ -3,6 +3,7 @@ params and batch statistics, as ``python -m port_weights detris`` writes), at to
 the masks written are those of the model's logits taken through DETRIS's inverse warp and threshold."""
 
 import json
+import os
 import textwrap
 
 import jax
@@ -114,3 +115,32 @@ def test_checkpoint_that_does_not_fit_fails_in_one_line(detris_files, tmp_path, 
     assert cli.main([*args, "--text", "a cat", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wimfris predict: error: ") and "dense_aligner_1" in err and "Traceback" not in err
+
+
+def test_predict_writes_every_readable_image_and_names_every_unreadable_one(detris_files, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "c.jpg"):
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(folder / name)
+    (folder / "b.png").write_text("not an image")
+    (folder / "d.png").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["predict", "--config", detris_files["config"], "--checkpoint", detris_files["checkpoint"]]
+    assert cli.main([*args, "--image", str(folder), "--text", "the dog", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png"]
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [str(folder / "a.png"), str(folder / "c.jpg")]
+    errors = [line for line in captured.err.splitlines() if line.startswith("wimfris ")]
+    assert [e.split(" is not a readable image (")[0] for e in errors] == [
+        f"wimfris predict: error: {folder / 'b.png'}", f"wimfris predict: error: {folder / 'd.png'}"
+    ]  # fmt: skip
+    assert "Traceback" not in captured.err
+
+    # every image unreadable: one line naming them all, nothing written
+    for name in ("a.png", "c.jpg"):
+        os.remove(folder / name)
+    assert cli.main([*args, "--image", str(folder), "--text", "the dog", "--out", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wimfris predict: error: none of the 2 images is readable: ")
+    assert "b.png" in err[0] and "d.png" in err[0] and not (tmp_path / "out2").exists()

@@ -8,7 +8,8 @@ import pytest
 from data_pipeline.preprocess import letterbox_image, letterbox_mask, nearest_downsample, normalize
 from data_pipeline.synthetic import SyntheticRefer
 from data_pipeline.tokenizer import tokenize
-from wimfris_jax.evaluate import data_settings, eval_source, evaluate
+from wimfris_jax.errors import UserError
+from wimfris_jax.evaluate import EvalError, data_settings, eval_source, evaluate
 from wimfris_jax.train.loop import build_train_source
 from wimfris_jax.train.state import TrainState
 
@@ -79,7 +80,7 @@ def test_batching_sharding_and_max_examples_agree():
     assert 0.75 < one["mIoU"] < 0.95  # the oracle's 32 x 32 mask, upsampled: close to the truth, not equal
     head = evaluate(model, {}, source, config=cfg, batch_size=8, max_examples=4, progress=False)
     assert head["n"] == 4
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(EvalError, match="batch_size must be positive, got 0"):
         evaluate(model, {}, source, config=cfg, batch_size=0)
 
 
@@ -115,8 +116,9 @@ def test_eval_sources_and_settings():
     assert len(val) == len(test) == 3
     images = [s[i]["image"].tobytes() for s in (train, val, test) for i in range(3)]
     assert len(set(images)) == 9  # three disjoint sets of scenes
-    with pytest.raises(ValueError, match="unknown split 'bogus'"):
+    with pytest.raises(EvalError, match="unknown split 'bogus'") as info:  # the CLI's one-line errors: a UserError
         eval_source(data, "bogus")
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert data_settings(ml_collections.ConfigDict({"data": data, "model": {}})) == {
         "image_size": 64, "word_len": 17, "max_size": 640
     }  # fmt: skip

@@ -2,8 +2,9 @@
 
     wimfris demo [--workdir W] [--quick]                 offline: train the tiny model on synthetic shapes
     wimfris train --config C --workdir W [--resume] [--set KEY=VALUE ...] [--init PREFIX=FILE ...]
-    wimfris eval --config C --checkpoint K --split S[,S...] [--json OUT]
-    wimfris predict --checkpoint K [--config C] --image IMG [IMG ... | FOLDER] --text "..." --out OUT
+    wimfris eval --config C --checkpoint K [--step best|latest|N] --split S[,S...] [--json OUT]
+    wimfris predict --checkpoint K [--step best|latest|N] [--config C] --image IMG [IMG ... | FOLDER] --text "..." \
+        --out OUT
     wimfris summary --config C
 
 Config overrides: ``--set train.lr=2e-4`` (repeatable; values are Python literals, else strings) or, as in
@@ -13,7 +14,10 @@ training (the pretrained backbones of WIMFRIS-B / -L). Multi-host jobs start ``j
 environment before anything else (``wimfris_jax.train.sharding.maybe_initialize_distributed``).
 
 Expected failures (bad input, missing files, a checkpoint that does not fit) print one ``wimfris <command>:
-error: ...`` message on stderr and exit with status 1; argument errors exit with status 2.
+error: ...`` message on stderr and exit with status 1; argument errors exit with status 2. What counts as bad
+input is decided by the exception's type (:func:`_expected`): a :class:`~wimfris_jax.errors.UserError`, or an
+``OSError`` naming a file. Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of
+every error. Warnings of this package (e.g. a damaged checkpoint skipped for an older one) are one line too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ast
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,41 +81,12 @@ def _parse_inits(items: Sequence[str]) -> dict[str, str]:
     return inits
 
 
-def pretrained_init_fn(model: Any, config: Any, inits: dict[str, str]) -> Any:
-    """``rng -> variables``: random init with the ``inits`` subtrees replaced by loaded params (checked)."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from wimfris_jax.io import flatten, unflatten
-    from wimfris_jax.load import check_variables, expected_variables, read_checkpoint
-    from wimfris_jax.train.state import init_variables
-
-    want = flatten(expected_variables(model, config.model)["params"])
-    loaded = {}
-    for prefix, path in inits.items():
-        params = flatten(read_checkpoint(path)[0]["params"])
-        sub = {k[len(prefix) + 1 :]: v for k, v in want.items() if k.startswith(prefix + "/")}
-        if not sub:
-            raise ConfigError(f"--init {prefix}: the model has no parameters under {prefix!r}")
-        check_variables(params, sub, path, f"model subtree {prefix!r}")
-        loaded.update({f"{prefix}/{k}": np.asarray(v) for k, v in params.items()})
-    s, n = int(config.model.image_size), int(config.model.word_len)
-    sample = {"image": np.zeros((1, s, s, 3), np.float32), "ids": np.zeros((1, n), np.int32)}
-
-    def init_fn(rng: Any) -> dict[str, Any]:
-        variables = init_variables(model, sample, rng)
-        flat = flatten(variables["params"])
-        flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()})
-        return {**variables, "params": unflatten(flat)}
-
-    return init_fn
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     import functools
 
     from wimfris_jax import model as model_lib
     from wimfris_jax.evaluate import eval_source, make_eval_fn
+    from wimfris_jax.load import pretrained_init_fn
     from wimfris_jax.summary import load_config
     from wimfris_jax.train.loop import train
 
@@ -133,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from wimfris_jax.evaluate import data_settings, eval_source, evaluate
+    from wimfris_jax.io import ensure_writable_file
     from wimfris_jax.load import load_model
     from wimfris_jax.metrics import format_table
     from wimfris_jax.predict import find_config
@@ -141,7 +118,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     data_settings(config)
     splits = [s for s in (args.split or config.data.get("eval_split", "val")).split(",") if s]
     sources = {s: eval_source(config.data, s) for s in splits}  # fail on a bad split before loading weights
-    model, variables = load_model(config, args.checkpoint)
+    if args.json:
+        ensure_writable_file(args.json, "--json")  # before the evaluation, not after it
+    model, variables = load_model(config, args.checkpoint, which=args.step)
     results = {}
     for split, source in sources.items():
         name = f"{split} (swapped)" if args.swap_sentences else split
@@ -151,17 +130,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )  # fmt: skip
     print(format_table(results))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"checkpoint": args.checkpoint, "results": results}, f, indent=2)
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from wimfris_jax.predict import run
 
-    records = run(args.checkpoint, args.image, args.text, args.out, config=args.config, batch_size=args.batch_size)
+    records = run(args.checkpoint, args.image, args.text, args.out, config=args.config, batch_size=args.batch_size,
+                  which=args.step)  # fmt: skip
     for r in records:
-        print(f"{r['image']}: mask {r['mask']}, overlay {r['overlay']} ({100 * r['area']:.1f}% of the image)")
+        if "error" not in r:
+            print(f"{r['image']}: mask {r['mask']}, overlay {r['overlay']} ({100 * r['area']:.1f}% of the image)")
+    failed = [r["error"] for r in records if "error" in r]
+    for message in failed:  # after the masks of every readable image are written
+        print(f"wimfris predict: error: {message}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -176,12 +160,32 @@ def cmd_summary(args: argparse.Namespace) -> None:
     summary.main(["--config", args.config])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _step(text: str) -> str | int:
+    """argparse type of --step: "best", "latest" or a step number ("auto", the default: best, else latest)."""
+    if text in ("best", "latest", "auto"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be best, latest or a step number, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wimfris", description="WIMFRIS referring image segmentation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    step = dict(type=_step, default="auto", metavar="best|latest|N",
+                help="checkpoint of a run directory (default: best, else latest)")  # fmt: skip
 
-    p = sub.add_parser("train", help="train from a config file")
+    p = sub.add_parser("train", parents=[common], help="train from a config file")
     p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, config.json, metrics, tb/")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
@@ -189,33 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", action="append", default=[], metavar="PREFIX=FILE", help="pretrained subtree")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="score a checkpoint (mIoU, oIoU, Prec@X)")
+    p = sub.add_parser("eval", parents=[common], help="score a checkpoint (mIoU, oIoU, Prec@X)")
     p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
-    p.add_argument("--checkpoint", required=True, help="run directory or converted weights file")
+    p.add_argument("--checkpoint", required=True, help="run directory, step folder or converted weights file")
+    p.add_argument("--step", **step)
     p.add_argument("--split", help="split(s), comma-separated (default: config.data.eval_split)")
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-examples", type=int, help="score the first N expressions of each split")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-examples", type=_positive_int, help="score the first N expressions of each split")
     p.add_argument("--swap-sentences", action="store_true", help="synthetic set: use the distractor sentences")
     p.add_argument("--set", **overrides)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="segment the object a sentence names in images")
-    p.add_argument("--checkpoint", required=True, help="run directory or converted weights file")
+    p = sub.add_parser("predict", parents=[common], help="segment the object a sentence names in images")
+    p.add_argument("--checkpoint", required=True, help="run directory, step folder or converted weights file")
+    p.add_argument("--step", **step)
     p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
     p.add_argument("--image", required=True, nargs="+", help="image files and/or folders")
     p.add_argument("--text", required=True, help="the referring expression")
     p.add_argument("--out", required=True, help="output folder for <name>_mask.png and <name>_overlay.png")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="offline demo: train the tiny model on synthetic shapes, evaluate, predict")
+    p = sub.add_parser("demo", parents=[common], help="offline demo: train the tiny model on synthetic shapes, ...")
     p.add_argument("--workdir", default="wimfris_demo", help="run directory (default: ./wimfris_demo)")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run with no quality target")
     p.add_argument("--set", **overrides)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("summary", help="parameter counts of a config")
+    p = sub.add_parser("summary", parents=[common], help="parameter counts of a config")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_summary)
     return parser
@@ -240,8 +246,22 @@ def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _expected(error: BaseException) -> bool:
-    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback)."""
-    return isinstance(error, (UserError, FileNotFoundError, FileExistsError))
+    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback), by type:
+    a UserError; an OSError naming a file (PermissionError, IsADirectoryError, NotADirectoryError, ...); a
+    FileNotFoundError / FileExistsError, which this package raises with a message naming the file."""
+    if isinstance(error, UserError):
+        return True
+    return isinstance(error, OSError) and (
+        error.filename is not None or isinstance(error, (FileNotFoundError, FileExistsError))
+    )
+
+
+def _message(error: BaseException) -> str:
+    """The error's message; an OSError naming a file as ``<file>: <reason>``."""
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
+        names = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
+        return f"{names}: {error.strerror or error}"
+    return str(error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,21 +277,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.set = list(args.set) + flag_overrides
     elif flag_overrides:
         parser.error(f"{args.command} takes no config overrides")
-    try:
-        if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
-            from wimfris_jax.train.sharding import maybe_initialize_distributed
+    show = warnings.showwarning
 
-            maybe_initialize_distributed()
-        args.func(args)
-    except (ValueError, OSError) as e:
-        if not _expected(e):
-            raise
-        print(f"wimfris {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    def one_line_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+        if category.__module__.startswith("wimfris_jax."):  # this package's warnings: one line
+            print(f"wimfris {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warning
+            if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
+                from wimfris_jax.train.sharding import maybe_initialize_distributed
+
+                maybe_initialize_distributed()
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"wimfris {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as e:
+        if args.debug or not _expected(e):
+            raise
+        print(f"wimfris {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

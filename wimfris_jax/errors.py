@@ -11,3 +11,12 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input; the message names the file, key, step or value at fault."""
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``"<type>: <first line of the message>"`` of a third-party exception (a TensorStore spec cut off), at most
+    ``limit`` characters: the reason quoted in a one-line :class:`UserError`."""
+    lines = str(error).strip().splitlines()
+    text = (lines[0] if lines else "").split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from wimfris_jax.errors import UserError
 from wimfris_jax.metrics import RefMetrics, postprocess
 
 _FORWARDS: dict[int, tuple[Any, Callable]] = {}  # id(model) -> (model, jitted forward); keeps compiled fns
+
+
+class EvalError(UserError, ValueError):
+    """A bad evaluation setting (split, data source, batch size, ...); the message names it."""
 
 
 def data_settings(config: Any) -> dict[str, int]:
@@ -38,7 +43,7 @@ def data_settings(config: Any) -> dict[str, int]:
     get = lambda key, default=None: data.get(key, model.get(key, default))  # noqa: E731
     size, word_len = get("image_size"), get("word_len")
     if size is None or word_len is None:
-        raise ValueError("the config names no image_size / word_len (config.data or config.model)")
+        raise EvalError("the config names no image_size / word_len (config.data or config.model)")
     return {"image_size": int(size), "word_len": int(word_len), "max_size": int(get("max_size", 640))}
 
 
@@ -65,7 +70,7 @@ def _transform(settings: Mapping[str, int], swap_sentences: bool, source: Any) -
         del rng
         if swap_sentences:
             if "distractor_sentence" not in example:
-                raise ValueError(
+                raise EvalError(
                     f"swap_sentences needs examples with a 'distractor_sentence' (the synthetic set); "
                     f"{describe(example)} of {source!r} has none"
                 )
@@ -141,10 +146,10 @@ def evaluate(
     from data_pipeline.loader import make_loader
 
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise EvalError(f"batch_size must be positive, got {batch_size}")
     if max_examples is not None:
         if max_examples <= 0:
-            raise ValueError(f"max_examples must be positive, got {max_examples}")
+            raise EvalError(f"max_examples must be positive, got {max_examples}")
         source = _Head(source, max_examples)
     settings = data_settings(config)
     nproc = jax.process_count()
@@ -215,7 +220,7 @@ def eval_source(data_config: Any, split: str) -> Any:
 
         seeds = {"val": 1, "validation": 1, "test": 2, "testA": 3, "testB": 4}
         if split not in seeds:
-            raise ValueError(f"synthetic data: unknown split {split!r}; choose from {sorted(seeds)}")
+            raise EvalError(f"synthetic data: unknown split {split!r}; choose from {sorted(seeds)}")
         seed = int(data_config.get("seed", 0)) + 1000 * seeds[split]
         return SyntheticRefer(
             int(data_config.get("num_val", 200)), image_size=int(data_config.get("raw_size", 128)), seed=seed
@@ -228,7 +233,7 @@ def eval_source(data_config: Any, split: str) -> Any:
         from data_pipeline.refcoco import RefCocoTfdsSource
 
         return RefCocoTfdsSource(data_config.tfds_config, split, data_config.get("data_dir"))
-    raise ValueError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
+    raise EvalError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
 
 
 def make_eval_fn(

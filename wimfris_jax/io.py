@@ -7,13 +7,65 @@ position-embedding interpolation rule, ...) so that a config can be checked agai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import serialization, traverse_util
+
+from wimfris_jax.errors import UserError, one_line
+
+
+class ParamsFileError(UserError, ValueError):
+    """A file that is not a parameter file written by :func:`save_params` (truncated, another format, ...)."""
+
+
+class OutputError(UserError, OSError):
+    """An output path (``--out``, ``--json``) that cannot be written; the message names it."""
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why no file can be written in ``folder`` (created if missing; a probe file is made and removed), or None."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "it is a file"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> str:
+    """Creates folder ``path`` if missing and checks that files can be written in it; returns the path.
+    Raises :class:`OutputError` naming ``what`` and ``path`` otherwise."""
+    path = os.fspath(path)
+    why = _unwritable(path)
+    if why:
+        raise OutputError(f"{what} {path} is not a writable folder ({why})")
+    return path
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> str:
+    """Checks, without creating it, that file ``path`` can be written (its folder is created if missing); returns
+    the path. Raises :class:`OutputError` naming ``what`` and ``path`` otherwise."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    reason = None if os.path.isdir(path) else _unwritable(folder)
+    if os.path.isdir(path):
+        why = "it is a folder"
+    elif reason:
+        why = f"folder {folder}: {reason}"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        why = "the file is read-only"
+    else:
+        return path
+    raise OutputError(f"{what} {path} cannot be written ({why})")
 
 
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
@@ -26,18 +78,24 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], meta: Mappin
 
 
 def load_params(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Returns ``(params, meta)`` from a file written by :func:`save_params`."""
+    """Returns ``(params, meta)`` from a file written by :func:`save_params`.
+
+    Raises FileNotFoundError (naming the file) when it is missing, :class:`ParamsFileError` when it cannot be
+    decoded (truncated, random bytes, another format) or holds no params.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no parameter file at {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "no parameter file", path)
     with open(path, "rb") as f:
-        try:
-            tree = serialization.msgpack_restore(f.read())
-        except Exception as e:  # msgpack raises several unrelated types
-            raise ValueError(f"{path!r} is not a parameter file written by save_params: {e}") from e
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{path!r} has no 'params' entry; was it written by `python -m port_weights`?")
-    return tree["params"], json.loads(tree.get("meta", "{}"))
+        data = f.read()
+    try:
+        tree = serialization.msgpack_restore(data)
+        meta = json.loads(tree.get("meta", "{}")) if isinstance(tree, dict) else None
+    except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types (ExtraData, ValueError, ...)
+        raise ParamsFileError(f"{path} is not a parameter file written by save_params ({one_line(e)})") from e
+    if not isinstance(tree, dict) or "params" not in tree or not isinstance(meta, dict):
+        raise ParamsFileError(f"{path} has no 'params' entry; was it written by `python -m port_weights`?")
+    return tree["params"], meta
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:

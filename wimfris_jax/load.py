@@ -15,7 +15,9 @@ in evaluation mode (BatchNorm running statistics, no dropout) and returns the ma
 - a file written by ``python -m port_weights`` (``.msgpack``): a whole-model file holds the variables dict
   (``meta["collections"]``, e.g. the DETRIS converter's), any other holds params alone; or
 - a training run directory (wimfris_jax/train/checkpoint.py layout): its best checkpoint if one was kept, else
-  its latest; ``which`` picks "best", "latest" or a step.
+  its latest; ``which`` picks "best", "latest" or a step. A damaged checkpoint is skipped for the newest intact
+  one (with a warning) unless a step number was asked for. The run is only read, so it may be training; or
+- one step folder of a run (``<run>/checkpoints/<N>``, ``<run>/best/<N>``).
 
 The checkpoint must fit the config exactly: a :class:`CheckpointMismatch` names every missing, unexpected and
 mis-shaped variable, and a position-resampling rule in the file's meta that differs from the config's.
@@ -38,6 +40,18 @@ MAX_LISTED = 40  # problems listed one per line before the rest is counted
 
 class CheckpointMismatch(UserError, ValueError):
     """The checkpoint's variables do not fit the model the config builds."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read (damaged, unfinished, not a parameter file), or a directory holding none."""
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No checkpoint of the kind asked for (no best, no such step, nothing committed yet)."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """A damaged checkpoint was skipped for an older intact one; the message names both and why."""
 
 
 def _config(config: Any) -> tuple[Any, str]:
@@ -91,18 +105,16 @@ def _module(path: str) -> str:
 
 
 def read_checkpoint(checkpoint: str | os.PathLike, which: str | int = "auto") -> tuple[dict[str, Any], dict]:
-    """``(variables, meta)`` of a converted file or a training run directory (see the module docstring)."""
+    """``(variables, meta)`` of a converted file, a training run directory or one of its step folders (module
+    docstring); ``which``: "auto", "best", "latest" or a step number (run directories only). Never writes."""
     path = os.fspath(checkpoint)
     if os.path.isdir(path):
-        from wimfris_jax.train.checkpoint import load_variables
+        from wimfris_jax.train.checkpoint import load_variables  # orbax: only for run directories
 
-        if which == "auto":
-            has_best = os.path.isdir(os.path.join(path, "best")) and any(
-                name.isdigit() for name in os.listdir(os.path.join(path, "best"))
-            )
-            which = "best" if has_best else "latest"
         variables, step = load_variables(path, which)
         return variables, {"step": step, "which": which}
+    if which != "auto":
+        raise CheckpointError(f"{path} is a converted weights file; step {which!r} applies to run directories")
     tree, meta = load_params(path)
     collections = meta.get("collections")
     if collections:
@@ -120,12 +132,14 @@ def load_model(
 
     Args:
       config: a config file (configs/*.py with ``get_config()``) or its ConfigDict (``config.model`` is read).
-      checkpoint: a ``python -m port_weights`` file or a training run directory.
+      checkpoint: a ``python -m port_weights`` file, a training run directory or one of its step folders.
       which: for a run directory: "auto" (best, else latest), "best", "latest" or a step number.
 
     Raises:
       CheckpointMismatch: the checkpoint's variables or position-resampling rule differ from the config's.
-      FileNotFoundError / ValueError: no or unreadable checkpoint.
+      CheckpointNotFound (a FileNotFoundError): no such checkpoint.
+      CheckpointError (a ValueError): a damaged checkpoint (and no intact one to fall back to), a directory that
+        is not a run, an unfinished save, a file that is not a parameter file.
     """
     from wimfris_jax.model import build_model
 
@@ -143,3 +157,30 @@ def load_model(
     check_variables(variables, expected_variables(model, model_config), os.fspath(checkpoint), config_name)
     variables = unflatten({k: jnp.asarray(v) for k, v in flatten(variables).items()})
     return model, variables
+
+
+def pretrained_init_fn(model: Any, config: Any, inits: dict[str, str]) -> Any:
+    """``rng -> variables`` for training (``wimfris train --init PREFIX=FILE``): random init with the ``inits``
+    subtrees (``{"text_encoder": "clip_b16.msgpack"}``: converted files or run directories) replaced by their
+    loaded params, each checked against the model first (:class:`CheckpointMismatch`)."""
+    from wimfris_jax.train.state import init_variables  # optax and the sharding code: only for training
+
+    want = flatten(expected_variables(model, config.model)["params"])
+    loaded = {}
+    for prefix, path in inits.items():
+        params = flatten(read_checkpoint(path)[0]["params"])
+        sub = {k[len(prefix) + 1 :]: v for k, v in want.items() if k.startswith(prefix + "/")}
+        if not sub:
+            raise CheckpointMismatch(f"--init {prefix}: the model has no parameters under {prefix!r}")
+        check_variables(params, sub, path, f"model subtree {prefix!r}")
+        loaded.update({f"{prefix}/{k}": np.asarray(v) for k, v in params.items()})
+    s, n = int(config.model.image_size), int(config.model.word_len)
+    sample = {"image": np.zeros((1, s, s, 3), np.float32), "ids": np.zeros((1, n), np.int32)}
+
+    def init_fn(rng: Any) -> dict[str, Any]:
+        variables = init_variables(model, sample, rng)
+        flat = flatten(variables["params"])
+        flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()})
+        return {**variables, "params": unflatten(flat)}
+
+    return init_fn

@@ -59,21 +59,24 @@ def check_sentence(text: str | None) -> str:
     return text
 
 
-def read_images(paths: Sequence[str]) -> list[np.ndarray]:
-    """uint8 RGB (H, W, 3) of each file; PredictError naming the first unreadable one."""
+def read_images(paths: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """``({i: uint8 RGB (H, W, 3)} of the readable files, {i: one-line message} of the others)``, by position."""
     from data_pipeline.preprocess import ExampleError, load_image
 
-    images = []
-    for p in paths:
+    images, bad = {}, {}
+    for i, p in enumerate(paths):
         try:
-            images.append(load_image(p))
+            images[i] = load_image(p)
         except ExampleError as e:
-            raise PredictError(f"{p} is not a readable image ({str(e).splitlines()[0]})") from e
-    return images
+            bad[i] = f"{p} is not a readable image ({str(e).splitlines()[0]})"
+    return images, bad
 
 
 def find_config(checkpoint: str, config: str | None = None) -> Any:
-    """``config`` (a config file) if given, else the ``config.json`` of the run that wrote ``checkpoint``."""
+    """``config`` (a config file) if given, else the ``config.json`` of the run that wrote ``checkpoint`` (the run
+    directory, or the run of a step folder ``<run>/checkpoints/<N>``). PredictError if ``checkpoint`` is missing."""
+    if not os.path.exists(checkpoint):
+        raise PredictError(f"no such checkpoint: {checkpoint}")
     if config:
         from wimfris_jax.summary import load_config
 
@@ -145,38 +148,53 @@ def run(
     config: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    which: str | int = "auto",
 ) -> list[dict[str, Any]]:
     """Predicts and writes ``<out>/<stem>_mask.png`` (0 / 255) and ``<out>/<stem>_overlay.png`` per image.
 
-    Inputs are checked (sentence, files, decoding) before the model is loaded. Returns one record per
-    image: {"image", "mask", "overlay" (paths), "area" (foreground fraction)}.
+    Everything is checked before the model is loaded: the sentence, the inputs, the checkpoint and its config, and
+    ``out`` (created, and a writable folder). An image that cannot be read is skipped, the others are predicted.
+    ``which``: the checkpoint of a run directory ("auto", "best", "latest" or a step; see ``load_model``).
+    Returns one record per image, in input order: {"image", "mask", "overlay" (paths), "area" (foreground
+    fraction)}, or {"image", "error" (one line)} for an unreadable one. PredictError if no image is readable.
     """
+    if batch_size < 1:
+        raise PredictError(f"batch size must be a positive integer, got {batch_size}")
     check_sentence(text)
     paths = collect_images(inputs)
-    images = read_images(paths)
-    if not os.path.exists(checkpoint):
-        raise PredictError(f"no such checkpoint: {checkpoint}")
+    images, bad = read_images(paths)
+    if not images:
+        msgs = list(bad.values())
+        raise PredictError(
+            msgs[0] if len(msgs) == 1 else f"none of the {len(msgs)} images is readable: " + "; ".join(msgs)
+        )
     cfg = find_config(checkpoint, config)
 
     from wimfris_jax.evaluate import data_settings  # JAX and the model code: only once the inputs are good
+    from wimfris_jax.io import ensure_writable_dir
     from wimfris_jax.load import load_model
     from wimfris_jax.visualize import mask_image, overlay, save_png
 
     settings = data_settings(cfg)
-    model, variables = load_model(cfg, checkpoint)
+    fresh = not os.path.exists(out)
+    ensure_writable_dir(out, "--out")
+    try:
+        model, variables = load_model(cfg, checkpoint, which=which)
+    except BaseException:
+        if fresh:  # a checkpoint that cannot be loaded leaves no empty --out behind
+            os.rmdir(out)
+        raise
     masks = predict_masks(
-        model, variables, images, text, image_size=settings["image_size"], word_len=settings["word_len"],
-        batch_size=min(batch_size, len(images)), progress=progress,
+        model, variables, list(images.values()), text, image_size=settings["image_size"],
+        word_len=settings["word_len"], batch_size=min(batch_size, len(images)), progress=progress,
     )  # fmt: skip
-    os.makedirs(out, exist_ok=True)
-    records = []
-    for path, stem, image, mask in zip(paths, _names(paths), images, masks):
-        records.append(
-            {
-                "image": path,
-                "mask": save_png(os.path.join(out, f"{stem}_mask.png"), mask_image(mask)),
-                "overlay": save_png(os.path.join(out, f"{stem}_overlay.png"), overlay(image, mask)),
-                "area": float(mask.mean()),
-            }
-        )
+    records = [{"image": p, "error": bad[i]} if i in bad else None for i, p in enumerate(paths)]
+    stems = _names(paths)
+    for (i, image), mask in zip(images.items(), masks):
+        records[i] = {
+            "image": paths[i],
+            "mask": save_png(os.path.join(out, f"{stems[i]}_mask.png"), mask_image(mask)),
+            "overlay": save_png(os.path.join(out, f"{stems[i]}_overlay.png"), overlay(image, mask)),
+            "area": float(mask.mean()),
+        }
     return records
