@@ -43,8 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from wimfris_jax import model as model_lib  # noqa: E402
+from wimfris_jax.config import load_config  # noqa: E402
 from wimfris_jax.layers import REMAT_MODES  # noqa: E402
-from wimfris_jax.summary import load_config  # noqa: E402
 from wimfris_jax.train import optim, sharding  # noqa: E402
 from wimfris_jax.train.state import init_train_state, init_variables, train_state_shapes  # noqa: E402
 from wimfris_jax.train.step import jit_train_step, make_train_step  # noqa: E402

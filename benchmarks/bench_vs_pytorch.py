@@ -152,7 +152,7 @@ def run_jax(args, name: str) -> dict:
 
     sys.path.insert(0, ROOT)
     from wimfris_jax import model as model_lib
-    from wimfris_jax.summary import load_config
+    from wimfris_jax.config import load_config
     from wimfris_jax.train import optim, sharding
     from wimfris_jax.train.state import init_train_state, init_variables
     from wimfris_jax.train.step import jit_train_step, make_train_step

@@ -45,8 +45,8 @@ from benchmarks.timing import call_times  # noqa: E402
 from wimfris_jax import model as model_lib  # noqa: E402
 from wimfris_jax.attention import IMPLEMENTATIONS  # noqa: E402
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config  # noqa: E402
+from wimfris_jax.config import load_config  # noqa: E402
 from wimfris_jax.ssm import scan as scan_lib  # noqa: E402
-from wimfris_jax.summary import load_config  # noqa: E402
 from wimfris_jax.train import optim, sharding  # noqa: E402
 from wimfris_jax.train.state import init_train_state, init_variables  # noqa: E402
 from wimfris_jax.train.step import cast_floats, jit_train_step, make_train_step  # noqa: E402

@@ -72,6 +72,41 @@ def model_config(
     )
 
 
+# The config argument (``--config configs/wimfris_b.py:refcoco+``): one row per dataset, everything that depends on
+# it. tfds_config: the tensorflow-datasets ``ref_coco`` config; dataset / split_by: the refer layout's names;
+# eval_splits: the paper's evaluation splits; word_len: DETRIS's sentence length (22 for G-Ref UMD).
+DATASETS = {
+    "refcoco": dict(tfds_config="refcoco_unc", dataset="refcoco", split_by="unc", eval_splits=("val", "testA", "testB"),
+                    word_len=17),
+    "refcoco+": dict(tfds_config="refcocoplus_unc", dataset="refcoco+", split_by="unc",
+                     eval_splits=("val", "testA", "testB"), word_len=17),
+    "refcocog_umd": dict(tfds_config="refcocog_umd", dataset="refcocog", split_by="umd", eval_splits=("val", "test"),
+                         word_len=22),
+    "refcocog_google": dict(tfds_config="refcocog_google", dataset="refcocog", split_by="google", eval_splits=("val",),
+                            word_len=17),
+}  # fmt: skip
+
+
+def referring_config(
+    model: ml_collections.ConfigDict, arg: str | None, *, global_batch_size: int, lr: float, patch_size: int = 14
+) -> ml_collections.ConfigDict:
+    """The whole config of a RefCOCO-family run: ``model``, ``data`` for the dataset ``arg`` names (a key of
+    :data:`DATASETS`; None: "refcoco"), ``train``. The sentence length lives once, in ``model.word_len``
+    (``data.word_len`` refers to it)."""
+    name = arg or "refcoco"
+    if name not in DATASETS:
+        raise ValueError(f"config argument {name!r} is not a dataset; choose one of {sorted(DATASETS)}")
+    fields = dict(DATASETS[name])
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model
+    config.model.word_len = fields.pop("word_len")
+    config.data = data_config(name="refcoco_tfds", image_size=int(model.image_size), patch_size=patch_size, **fields)
+    config.data.word_len = config.model.get_ref("word_len")
+    config.train = train_config(global_batch_size=global_batch_size, lr=lr)
+    return config
+
+
 def data_config(
     *, name: str = "refcoco_tfds", image_size: int = 448, word_len: int = 17, patch_size: int = 14, **kw: Any
 ) -> ml_collections.ConfigDict:
@@ -83,7 +118,8 @@ def data_config(
         tfds_config="refcoco_unc",
         data_dir=ml_collections.FieldReference(None, field_type=str),
         data_root="data/refer",
-        eval_split="val",
+        eval_split="val",  # validated during training
+        eval_splits=("val",),  # scored by ``wimfris eval`` without --split
         image_size=image_size,
         word_len=word_len,
         mask_size=4 * (image_size // patch_size),

@@ -32,7 +32,7 @@ def model_config(*, vision, vision_layers, neck_taps):
     return common.ml_collections.ConfigDict(
         dict(
             image_size=448,
-            word_len=17,  # 22 for G-Ref UMD
+            word_len=17,  # set from the dataset (configs/common.py DATASETS)
             attention="auto",  # "xla" | "cudnn" | "chunked" (wimfris_jax/attention.py)
             text=dict(common.CLIP_B16_TEXT),
             vision=dict(vision),
@@ -50,10 +50,7 @@ def model_config(*, vision, vision_layers, neck_taps):
     )
 
 
-def get_config():
-    config = common.ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = model_config(vision=dict(preset="b14_reg4"), vision_layers=(1, 3, 5, 7, 9, 11), neck_taps=(4, 8))
-    config.data = common.data_config(name="refcoco_tfds", image_size=448, word_len=17, patch_size=14)
-    config.train = common.train_config(global_batch_size=32, lr=1e-4)
-    return config
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    model = model_config(vision=dict(preset="b14_reg4"), vision_layers=(1, 3, 5, 7, 9, 11), neck_taps=(4, 8))
+    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4)

@@ -18,10 +18,7 @@ from configs import common
 from configs.detris_b import model_config
 
 
-def get_config():
-    config = common.ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = model_config(vision=dict(preset="l14_reg4"), vision_layers=(2, 6, 10, 14, 18, 22), neck_taps=(8, 16))
-    config.data = common.data_config(name="refcoco_tfds", image_size=448, word_len=17, patch_size=14)
-    config.train = common.train_config(global_batch_size=64, lr=2e-4)
-    return config
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    model = model_config(vision=dict(preset="l14_reg4"), vision_layers=(2, 6, 10, 14, 18, 22), neck_taps=(8, 16))
+    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4)

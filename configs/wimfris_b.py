@@ -9,9 +9,9 @@ Run (the frozen backbones come from converted PyTorch weights)::
 
     python -m port_weights clip ViT-B-16.pt clip_b16.msgpack                 # OpenAI / HF CLIP checkpoint
     python -m port_weights dinov2 dinov2_vitb14_reg4_pretrain.pth dinov2_b14_reg4.msgpack  # torch-hub / HF DINOv2
-    wimfris train --config configs/wimfris_b.py --workdir runs/wimfris_b \
-        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_b14_reg4.msgpack \
-        --config.data.dataset=refcoco
+    wimfris train --config configs/wimfris_b.py:refcoco --workdir runs/wimfris_b \
+        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_b14_reg4.msgpack
+    # the dataset is the config's argument: configs/wimfris_b.py:refcoco+ | :refcocog_umd | :refcocog_google
     python -m wimfris_jax.summary --config configs/wimfris_b.py
 
 Expected (paper, Table 2, mIoU): RefCOCO val 77.3 / testA 79.2 / testB 74.8; RefCOCO+ 70.2 / 75.1 / 63.5;
@@ -21,10 +21,7 @@ G-Ref val(u) 69.2, test(u) 69.4, val(g) 67.1. Trainable backbone (PET) parameter
 from configs import common
 
 
-def get_config():
-    config = common.ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = common.model_config(vision=dict(preset="b14_reg4"), neck_taps=(4, 8))
-    config.data = common.data_config(name="refcoco_tfds", image_size=448, word_len=17, patch_size=14)
-    config.train = common.train_config(global_batch_size=32, lr=1e-4)
-    return config
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    model = common.model_config(vision=dict(preset="b14_reg4"), neck_taps=(4, 8))
+    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4)

@@ -7,9 +7,8 @@ Run::
 
     python -m port_weights clip ViT-B-16.pt clip_b16.msgpack                 # OpenAI / HF CLIP checkpoint
     python -m port_weights dinov2 dinov2_vitl14_reg4_pretrain.pth dinov2_l14_reg4.msgpack  # torch-hub / HF DINOv2
-    wimfris train --config configs/wimfris_l.py --workdir runs/wimfris_l \
-        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_l14_reg4.msgpack \
-        --config.data.dataset=refcoco
+    wimfris train --config configs/wimfris_l.py:refcoco --workdir runs/wimfris_l \
+        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_l14_reg4.msgpack
 
 Expected (paper, Table 2, mIoU): RefCOCO val 78.2 / testA 79.7 / testB 76.3; RefCOCO+ 71.9 / 76.2 / 67.2;
 G-Ref val(u) 70.4, test(u) 71.0, val(g) 69.3.
@@ -18,12 +17,7 @@ G-Ref val(u) 70.4, test(u) 71.0, val(g) 69.3.
 from configs import common
 
 
-def get_config():
-    config = common.ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = common.model_config(
-        vision=dict(preset="l14_reg4"), neck_taps=(8, 16), msa_layers=(2, 6, 10, 14, 18, 22)
-    )
-    config.data = common.data_config(name="refcoco_tfds", image_size=448, word_len=17, patch_size=14)
-    config.train = common.train_config(global_batch_size=64, lr=2e-4)
-    return config
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    model = common.model_config(vision=dict(preset="l14_reg4"), neck_taps=(8, 16), msa_layers=(2, 6, 10, 14, 18, 22))
+    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4)

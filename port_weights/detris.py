@@ -208,7 +208,7 @@ def load_config(name_or_path: str | Any) -> tuple[Any, str]:
     if not isinstance(name_or_path, str):
         return name_or_path, "custom"
     if name_or_path.endswith(".py"):
-        from wimfris_jax.summary import load_config as load_file
+        from wimfris_jax.config import load_config as load_file
 
         return load_file(name_or_path), os.path.splitext(os.path.basename(name_or_path))[0]
     return importlib.import_module(f"configs.{name_or_path}").get_config(), name_or_path

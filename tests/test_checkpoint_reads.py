@@ -46,7 +46,7 @@ def _tree(root) -> list[tuple[str, int, int]]:
 def _train_tiny(workdir: str, steps: int) -> None:
     """Subprocess worker: the tiny model (projector alone trainable, so it compiles in seconds), batch 2, a
     checkpoint every step and an evaluation every 3 steps that always improves (a new best/ each time)."""
-    from wimfris_jax.summary import load_config
+    from wimfris_jax.config import load_config
     from wimfris_jax.train.loop import train
 
     config = load_config(TINY)

@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from wimfris_jax import cli
+from wimfris_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,17 +32,18 @@ def _config():
 
 
 def test_overrides_parse_and_coerce():
-    c = cli.apply_overrides(_config(), ["train.lr=2", "train.epochs=3", "train.trainable=['.*']", "data.name=refer",
-                                        "train.resume=True", "seed=7"])  # fmt: skip
+    overrides = ["train.lr=2", "train.epochs=3", "train.trainable=['.*']", "data.name=refer", "train.resume=True"]
+    overrides.append("seed=7")
+    c = config_lib.apply_overrides(_config(), overrides)
     assert c.train.lr == 2.0 and isinstance(c.train.lr, float)
     assert c.train.epochs == 3 and c.train.trainable == (".*",) and c.data.name == "refer"
     assert c.train.resume is True and c.seed == 7
-    with pytest.raises(cli.ConfigError, match=r"unknown config key 'train.lrr'.*epochs, lr"):
-        cli.apply_overrides(_config(), ["train.lrr=1"])
-    with pytest.raises(cli.ConfigError, match="not KEY=VALUE"):
-        cli.apply_overrides(_config(), ["train.lr"])
-    with pytest.raises(cli.ConfigError, match=r"cannot set train.epochs='many'"):
-        cli.apply_overrides(_config(), ["train.epochs=many"])
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.lrr'.*epochs, lr"):
+        config_lib.apply_overrides(_config(), ["train.lrr=1"])
+    with pytest.raises(config_lib.ConfigError, match="not KEY=VALUE"):
+        config_lib.apply_overrides(_config(), ["train.lr"])
+    with pytest.raises(config_lib.ConfigError, match=r"cannot set train.epochs='many'"):
+        config_lib.apply_overrides(_config(), ["train.epochs=many"])
 
 
 def test_config_flags_become_overrides():
@@ -131,9 +133,9 @@ def test_train_init_loads_pretrained_backbone(tmp_path, capsys):
     import numpy as np
 
     from wimfris_jax.backbones.clip_text import ClipText
+    from wimfris_jax.config import load_config
     from wimfris_jax.io import flatten, save_params
     from wimfris_jax.load import read_checkpoint
-    from wimfris_jax.summary import load_config
 
     tiny = os.path.join(ROOT, "configs", "tiny.py")
     text_fields = dict(load_config(tiny).model.text)

@@ -44,9 +44,9 @@ def get_config():
 def detris_files(tmp_path_factory):
     """A fake RefCOCO, a toy DETRIS config file and a whole-model checkpoint with moved running statistics."""
     from data_pipeline.fake_refcoco import write_fake_refcoco
+    from wimfris_jax.config import load_config
     from wimfris_jax.load import expected_variables
     from wimfris_jax.model import build_model
-    from wimfris_jax.summary import load_config
 
     folder = tmp_path_factory.mktemp("detris_cli")
     write_fake_refcoco(str(folder / "refer"), num_images=4)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from data_pipeline.preprocess import letterbox_image, letterbox_mask, nearest_downsample, normalize
+from data_pipeline.sources import SourceError, build_source
 from data_pipeline.synthetic import SyntheticRefer
 from data_pipeline.tokenizer import tokenize
 from wimfris_jax.errors import UserError
-from wimfris_jax.evaluate import EvalError, data_settings, eval_source, evaluate
-from wimfris_jax.train.loop import build_train_source
+from wimfris_jax.evaluate import EvalError, data_settings, evaluate
 from wimfris_jax.train.state import TrainState
 
 
@@ -112,12 +112,12 @@ def test_eval_sources_and_settings():
         {"name": "synthetic", "num_train": 5, "num_val": 3, "raw_size": 64, "seed": 0, "image_size": 64,
          "word_len": 17, "mask_size": 32}
     )  # fmt: skip
-    train, val, test = build_train_source(data), eval_source(data, "val"), eval_source(data, "test")
+    train, val, test = build_source(data, "train"), build_source(data, "val"), build_source(data, "test")
     assert len(val) == len(test) == 3
     images = [s[i]["image"].tobytes() for s in (train, val, test) for i in range(3)]
     assert len(set(images)) == 9  # three disjoint sets of scenes
-    with pytest.raises(EvalError, match="unknown split 'bogus'") as info:  # the CLI's one-line errors: a UserError
-        eval_source(data, "bogus")
+    with pytest.raises(SourceError, match="unknown split 'bogus'") as info:  # the CLI's one-line errors: a UserError
+        build_source(data, "bogus")
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert data_settings(ml_collections.ConfigDict({"data": data, "model": {}})) == {
         "image_size": 64, "word_len": 17, "max_size": 640

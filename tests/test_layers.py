@@ -9,7 +9,7 @@ import pytest
 
 from wimfris_jax import layers
 from wimfris_jax import model as model_lib
-from wimfris_jax.summary import load_config
+from wimfris_jax.config import load_config
 
 
 @pytest.mark.parametrize("padding", ["SAME", ((0, 0), (0, 0)), 0])

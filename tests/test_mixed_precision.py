@@ -11,7 +11,7 @@ import pytest
 from jax.extend import core as jcore
 
 from wimfris_jax import model as model_lib
-from wimfris_jax.summary import load_config
+from wimfris_jax.config import load_config
 from wimfris_jax.train import optim, sharding
 from wimfris_jax.train.state import init_train_state, init_variables
 from wimfris_jax.train.step import cast_floats, jit_train_step, make_train_step

@@ -23,7 +23,6 @@ every error. Warnings of this package (e.g. a damaged checkpoint skipped for an 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -31,42 +30,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from data_pipeline.sources import build_source
+from wimfris_jax.config import ConfigError, apply_overrides, load_config
 from wimfris_jax.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A bad --set / --config.KEY override or --init argument."""
-
-
-def apply_overrides(config: Any, items: Sequence[str]) -> Any:
-    """Applies ``KEY=VALUE`` overrides (dotted keys into the ConfigDict) in place; returns the config."""
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
-        node, parts = config, key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "nothing (not a group)"
-                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i]) or 'config'} holds {known}")
-            if i < len(parts) - 1:
-                node = node[part]
-        old = node[parts[-1]]
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        if isinstance(old, str) and not isinstance(value, str):
-            value = raw
-        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-        try:
-            node[parts[-1]] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"cannot set {key}={raw!r}: {e}") from e
-    return config
 
 
 def _parse_inits(items: Sequence[str]) -> dict[str, str]:
@@ -85,9 +51,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     import functools
 
     from wimfris_jax import model as model_lib
-    from wimfris_jax.evaluate import eval_source, make_eval_fn
+    from wimfris_jax.evaluate import make_eval_fn
     from wimfris_jax.load import pretrained_init_fn
-    from wimfris_jax.summary import load_config
     from wimfris_jax.train.loop import train
 
     config = apply_overrides(load_config(args.config), args.set)
@@ -96,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     eval_fn = make_eval_fn(
-        config, model, eval_source(config.data, config.data.get("eval_split", "val")),
+        config, model, build_source(config.data, config.data.get("eval_split", "val")),
         batch_size=int(tc.get("eval_batch_size", 0) or tc.global_batch_size), max_examples=tc.get("eval_max_examples"),
     )  # fmt: skip
     init_fn = pretrained_init_fn(model, config, _parse_inits(args.init)) if args.init else None
@@ -108,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from wimfris_jax.evaluate import data_settings, eval_source, evaluate
+    from wimfris_jax.evaluate import data_settings, evaluate
     from wimfris_jax.io import ensure_writable_file
     from wimfris_jax.load import load_model
     from wimfris_jax.metrics import format_table
@@ -116,8 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     config = apply_overrides(find_config(args.checkpoint, args.config), args.set)
     data_settings(config)
-    splits = [s for s in (args.split or config.data.get("eval_split", "val")).split(",") if s]
-    sources = {s: eval_source(config.data, s) for s in splits}  # fail on a bad split before loading weights
+    default = ",".join(config.data.get("eval_splits", (config.data.get("eval_split", "val"),)))
+    splits = [s for s in (args.split or default).split(",") if s]
+    sources = {s: build_source(config.data, s) for s in splits}  # fail on a bad split before loading weights
     if args.json:
         ensure_writable_file(args.json, "--json")  # before the evaluation, not after it
     model, variables = load_model(config, args.checkpoint, which=args.step)
@@ -197,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
     p.add_argument("--checkpoint", required=True, help="run directory, step folder or converted weights file")
     p.add_argument("--step", **step)
-    p.add_argument("--split", help="split(s), comma-separated (default: config.data.eval_split)")
+    p.add_argument("--split", help="split(s), comma-separated (default: the dataset's, config.data.eval_splits)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-examples", type=_positive_int, help="score the first N expressions of each split")

@@ -37,6 +37,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from data_pipeline.sources import build_source
+from wimfris_jax.config import apply_overrides
+
 GRID_EXAMPLES = 8
 SAMPLES = 4
 
@@ -75,8 +78,7 @@ def _predict_examples(
 def run_demo(workdir: str = "wimfris_demo", *, quick: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Trains, evaluates and draws (module docstring); returns the figures written to demo_results.json."""
     from wimfris_jax import model as model_lib
-    from wimfris_jax.cli import apply_overrides
-    from wimfris_jax.evaluate import eval_source, evaluate
+    from wimfris_jax.evaluate import evaluate
     from wimfris_jax.metrics import format_table, intersection_union
     from wimfris_jax.train.loop import train
     from wimfris_jax.visualize import grid, save_png
@@ -88,7 +90,7 @@ def run_demo(workdir: str = "wimfris_demo", *, quick: bool = False, overrides: S
     config = apply_overrides(demo_config(quick), overrides)
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
-    val = eval_source(config.data, "val")
+    val = build_source(config.data, "val")
     eval_bs = int(tc.eval_batch_size)
     print(f"WIMFRIS demo{' (quick)' if quick else ''}: {tc.epochs * tc.steps_per_epoch} steps of batch "
           f"{tc.global_batch_size} on {len(jax.devices())} x {jax.devices()[0].device_kind}, "

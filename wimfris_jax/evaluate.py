@@ -207,35 +207,6 @@ def _gather(counts: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(int(i), int(u)) for p in range(len(n)) for i, u in every[p, : int(n[p])]]
 
 
-def eval_source(data_config: Any, split: str) -> Any:
-    """The evaluation source of ``config.data`` for ``split`` (one example per expression).
-
-    "synthetic": ``SyntheticRefer(num_val, raw_size, seed=val_seed)`` for any split ("val", "test", ...:
-    each split name gets its own scenes, disjoint from the training seed); "refer": ``ReferSource``;
-    "refcoco_tfds": ``RefCocoTfdsSource``.
-    """
-    name = data_config.get("name", "synthetic")
-    if name == "synthetic":
-        from data_pipeline.synthetic import SyntheticRefer
-
-        seeds = {"val": 1, "validation": 1, "test": 2, "testA": 3, "testB": 4}
-        if split not in seeds:
-            raise EvalError(f"synthetic data: unknown split {split!r}; choose from {sorted(seeds)}")
-        seed = int(data_config.get("seed", 0)) + 1000 * seeds[split]
-        return SyntheticRefer(
-            int(data_config.get("num_val", 200)), image_size=int(data_config.get("raw_size", 128)), seed=seed
-        )
-    if name == "refer":
-        from data_pipeline.refer import ReferSource
-
-        return ReferSource(data_config.data_root, data_config.dataset, data_config.split_by, split)
-    if name == "refcoco_tfds":
-        from data_pipeline.refcoco import RefCocoTfdsSource
-
-        return RefCocoTfdsSource(data_config.tfds_config, split, data_config.get("data_dir"))
-    raise EvalError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
-
-
 def make_eval_fn(
     config: Any, model: Any, source: Any, *, batch_size: int, max_examples: int | None = None
 ) -> Callable[[Any], dict[str, float]]:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wimfris_jax.config import load_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, load_params, unflatten
 
@@ -56,7 +57,6 @@ class CheckpointFallbackWarning(UserWarning):
 
 def _config(config: Any) -> tuple[Any, str]:
     if isinstance(config, (str, os.PathLike)):
-        from wimfris_jax.summary import load_config
 
         return load_config(os.fspath(config)), os.fspath(config)
     return config, "the given config"

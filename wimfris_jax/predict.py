@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from wimfris_jax.config import load_config
 from wimfris_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -78,7 +79,6 @@ def find_config(checkpoint: str, config: str | None = None) -> Any:
     if not os.path.exists(checkpoint):
         raise PredictError(f"no such checkpoint: {checkpoint}")
     if config:
-        from wimfris_jax.summary import load_config
 
         return load_config(config)
     import ml_collections

@@ -12,14 +12,12 @@ Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
 from wimfris_jax.load import expected_variables
 from wimfris_jax.train.freeze import path_selected
@@ -35,21 +33,6 @@ GROUPS = (
     ("decoder", "decoder"),
     ("projector", "projector"),
 )
-
-
-def load_config(path: str) -> Any:
-    """``get_config()`` of a config file (its repository root is put on sys.path for ``from configs import``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"_wimfris_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} defines no get_config()")
-    return module.get_config()
 
 
 def abstract_params(model_config: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import tqdm
 
+from data_pipeline.sources import build_source
 from wimfris_jax.errors import UserError
 from wimfris_jax.train import sharding
 from wimfris_jax.train.checkpoint import Checkpoints
@@ -62,7 +63,7 @@ def train(
     Args:
       model: flax module (default ``wimfris_jax.model.build_model(config.model, remat_mode=config.train.remat)``).
       loss_fn: ``(outputs, mask) -> (loss, aux)`` (default ``wimfris_jax.model.loss_fn`` bound to config.model).
-      train_source: random-access source of raw examples (default from config.data, see build_train_source).
+      train_source: random-access source of raw examples (default: ``build_source(config.data, "train")``).
       eval_fn: ``state -> {"mIoU": ..., ...}`` run every eval_every steps and at the end; ranks ``best/``.
         It must copy what it keeps (``jax.device_get``): the state's buffers are donated to the next step.
       transform: ``(example, np.random.Generator) -> {"image", "ids", "mask"}`` (default DETRIS preprocessing).
@@ -77,7 +78,7 @@ def train(
 
         model = model if model is not None else model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
         loss_fn = loss_fn if loss_fn is not None else functools.partial(model_lib.loss_fn, config.model)
-    source = train_source if train_source is not None else build_train_source(config.data)
+    source = train_source if train_source is not None else build_source(config.data, "train")
     transform = transform if transform is not None else default_train_transform(config.data)
     if make_loader is None:
         from data_pipeline.loader import make_loader
@@ -238,31 +239,6 @@ class _SigintFlag:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
             self._installed = False
-
-
-def build_train_source(data_config: Any) -> Any:
-    """The training source named by ``config.data.name``: "synthetic" | "refer" | "refcoco_tfds".
-
-    RefCOCO-style sources yield one example per object (``unit="object"``) whose sentence the transform draws
-    at random, as DETRIS trains (one epoch = every object once).
-    """
-    name = data_config.get("name", "synthetic")
-    if name == "synthetic":
-        from data_pipeline.synthetic import SyntheticRefer
-
-        return SyntheticRefer(
-            int(data_config.get("num_train", 1000)), image_size=int(data_config.get("raw_size", 128)),
-            seed=int(data_config.get("seed", 0)),
-        )  # fmt: skip
-    if name == "refer":
-        from data_pipeline.refer import ReferSource
-
-        return ReferSource(data_config.data_root, data_config.dataset, data_config.split_by, "train", unit="object")
-    if name == "refcoco_tfds":
-        from data_pipeline.refcoco import RefCocoTfdsSource
-
-        return RefCocoTfdsSource(data_config.tfds_config, "train", data_config.get("data_dir"), unit="object")
-    raise ValueError(f"config.data.name={name!r}: expected 'synthetic', 'refer' or 'refcoco_tfds'")
 
 
 def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np.random.Generator], dict]:
