@@ -76,7 +76,7 @@ def smoke_config(name: str):
     t = tiny.model
     t.vision.depth, t.text.depth, t.neck_taps = 2, 2, (0,)
     if name == "WIMFRIS-B":
-        t.mta_layers, t.msa_layers = (1,), (1,)
+        t.text_adapter.layers, t.vision_adapter.layers = (1,), (1,)
         return tiny
     config = load_config(os.path.join(ROOT, MODELS[name]))
     m = config.model

@@ -6,8 +6,9 @@
   text                          ClipText fields (CLIP ViT-B/16 text tower)
   vision                        DinoV2 fields, or {"preset": "b14_reg4"} (+ field overrides)
   neck_taps                     0-based DINOv2 blocks tapped (pre-norm) for the neck: DETRIS's (4, 8) / (8, 16)
-  use_mta, mta_layers, mta_scale, mta    MTA switch (Table 3b), layers (Table 5), fixed scale 0.2, sizes
-  use_msa, msa_layers, msa      MSA switch, layers, sizes; msa.emphasis = EP (Table 3b), msa.kernels (Table 4)
+  text_adapter                  kind "mta" ("none": off, Table 3b), layers (Table 5), scale 0.2, dim, zero_init_up
+  vision_adapter                kind "msa" ("none": off), layers, dim, num_heads, kernels (Table 4), emphasis
+                                (EP, Table 3b), alpha0, dropout; the schema: wimfris_jax/adapters/__init__.py
   mamba                         Mamba sizes shared by MTA and WMF (d_state, d_conv, expand, scan_impl)
   neck                          kind "hmf" | "aggregate" | "none" | "detris" (Table 1), dim C, window
                                 (2, 4, 8, 16; None or 0 = one window over the map, Table 3a), wmf (gate_heads)
@@ -57,13 +58,11 @@ def model_config(
             text=dict(text or CLIP_B16_TEXT),
             vision=dict(vision),
             neck_taps=tuple(neck_taps),
-            use_mta=True,
-            mta_layers=tuple(mta_layers),
-            mta_scale=0.2,
-            mta=dict(dim=mta_dim, zero_init_up=False),
-            use_msa=True,
-            msa_layers=tuple(msa_layers),
-            msa=dict(dim=msa_dim, num_heads=msa_heads, kernels=(3, 5, 7), emphasis=True, alpha0=0.2, dropout=0.1),
+            text_adapter=dict(kind="mta", layers=tuple(mta_layers), scale=0.2, dim=mta_dim, zero_init_up=False),
+            vision_adapter=dict(
+                kind="msa", layers=tuple(msa_layers), dim=msa_dim, num_heads=msa_heads, kernels=(3, 5, 7),
+                emphasis=True, alpha0=0.2, dropout=0.1,
+            ),  # fmt: skip
             mamba=dict(d_state=16, d_conv=4, expand=2, scan_impl=ml_collections.FieldReference(None, field_type=str)),
             neck=dict(kind="hmf", dim=dim, window=window, wmf=dict(gate_heads=gate_heads)),
             decoder=dict(num_layers=decoder_layers, d_model=dim, num_heads=decoder_heads, dim_ffn=dim, dropout=0.1),

@@ -39,7 +39,7 @@ def get_config(quick: bool = False):
     )  # fmt: skip
     if quick:  # a smoke run of the whole pipeline: fewer layers, steps and validation scenes
         m.vision.depth, m.text.depth = 2, 2
-        m.update(neck_taps=(0, 1), mta_layers=(1,), msa_layers=(1,))
+        m.neck_taps, m.text_adapter.layers, m.vision_adapter.layers = (0, 1), (1,), (1,)
         config.data.num_train, config.data.num_val = 64, 16
         config.train.update(global_batch_size=8, epochs=1, steps_per_epoch=10, lr_milestones=(), log_every=5,
                             eval_batch_size=8)  # fmt: skip

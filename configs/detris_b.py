@@ -1,6 +1,6 @@
 r"""DETRIS-B (Huang et al. 2025): CLIP ViT-B/16 text tower + DINOv2-B/14 with 4 registers, 448x448, RefCOCO.
 
-The whole DETRIS model as a configuration of the shared parts (``config.model.adapter_kind = "detris"``):
+The whole DETRIS model as a configuration of the shared parts (adapter kinds "dmoc" and "dense_aligner"):
 D-MoC text adapters (d = 64, scale 0.2) at CLIP layers 1,3,5,7,9,11; Dense Aligners (d = 128, 8-head
 cross-attention, scale 0.2) at DINOv2 layers 1,3,5,7,9,11; DETRIS neck on DINOv2 blocks 4, 8 (pre-norm) and 11
 (post-norm), C = 512; decoder (3 layers) and projector; 128x128 logits. DINOv2's 37x37 position table is
@@ -37,9 +37,10 @@ def model_config(*, vision, vision_layers, neck_taps):
             text=dict(common.CLIP_B16_TEXT),
             vision=dict(vision),
             neck_taps=tuple(neck_taps),
-            adapter_kind="detris",
-            text_adapter=dict(layers=(1, 3, 5, 7, 9, 11), dim=64, scale=0.2),
-            vision_adapter=dict(layers=tuple(vision_layers), dim=128, num_heads=8, dropout=0.1, scale=0.2),
+            text_adapter=dict(kind="dmoc", layers=(1, 3, 5, 7, 9, 11), dim=64, scale=0.2),
+            vision_adapter=dict(
+                kind="dense_aligner", layers=tuple(vision_layers), dim=128, num_heads=8, dropout=0.1, scale=0.2
+            ),
             neck=dict(kind="detris", dim=512, num_heads=8),
             decoder=dict(num_layers=3, d_model=512, num_heads=8, dim_ffn=512, dropout=0.1),
             loss_weights=(1.0, 0.0, 0.0),

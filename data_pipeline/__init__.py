@@ -2,7 +2,8 @@
 tokenizer and a Grain loader. Raw examples are dicts {"image" uint8 (H, W, 3), "mask" uint8 (H, W),
 "sentence", "image_id", "ann_id", "ref_id", "sent_id"}; see docs/DATA.md.
 
-Submodules import lazily (tfds, pycocotools and transformers are only loaded when used).
+The exports below are resolved on first access, so ``import data_pipeline`` loads no submodule; tensorflow_datasets
+and transformers are loaded only when a tfds source or the tokenizer is first used.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]]
 
@@ -53,8 +55,6 @@ def _host(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if (shard_index is None) != (shard_count is None):
         raise ValueError("give both shard_index and shard_count, or neither (then the JAX process is used)")
     if shard_index is None:
-        import jax
-
         return jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
@@ -111,11 +111,9 @@ def make_loader(
         start = index * base + min(index, extra)
         source = _ShardView(source, start, start + base + (index < extra))
         shard = grain.sharding.NoSharding()
-    if worker_count > 0:  # Grain's worker processes read absl flags; outside absl.app nothing parsed them
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+    # Grain's worker processes read absl flags; outside absl.app nothing parsed them
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )

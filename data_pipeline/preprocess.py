@@ -21,6 +21,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from data_pipeline.tokenizer import clean, tokenize
 from wimfris_jax.errors import UserError
@@ -48,8 +49,6 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if img is not None:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as pil:
             if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(pil, np.float64)

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_pipeline.refcoco import RefCocoTfdsSource
+from data_pipeline.refer import ReferSource
+from data_pipeline.synthetic import SyntheticRefer
 from wimfris_jax.errors import UserError
 
 NAMES = ("refcoco_tfds", "refer", "synthetic")
@@ -35,8 +38,6 @@ def build_source(data_config: Any, split: str, *, unit: str | None = None) -> An
     name = data_config.get("name", "synthetic")
     unit = unit or ("object" if split == "train" else "sentence")
     if name == "synthetic":
-        from data_pipeline.synthetic import SyntheticRefer
-
         if split not in SYNTHETIC_SPLIT_SEEDS:
             raise SourceError(f"synthetic data: unknown split {split!r}; choose from {sorted(SYNTHETIC_SPLIT_SEEDS)}")
         seed = int(data_config.get("seed", 0))
@@ -45,11 +46,7 @@ def build_source(data_config: Any, split: str, *, unit: str | None = None) -> An
             seed += 1000 * SYNTHETIC_SPLIT_SEEDS[split]  # evaluation scenes disjoint from the training seed
         return SyntheticRefer(size, image_size=int(data_config.get("raw_size", 128)), seed=seed)
     if name == "refer":
-        from data_pipeline.refer import ReferSource
-
         return ReferSource(data_config.data_root, data_config.dataset, data_config.split_by, split, unit=unit)
     if name == "refcoco_tfds":
-        from data_pipeline.refcoco import RefCocoTfdsSource  # imports tensorflow_datasets: only when asked for
-
         return RefCocoTfdsSource(data_config.tfds_config, split, data_config.get("data_dir"), unit=unit)
     raise SourceError(f"config.data.name={name!r}: choose one of {NAMES}")

@@ -21,11 +21,14 @@ import functools
 import gzip
 import html
 import importlib.util
+import logging
 import os
 import warnings
 from collections.abc import Sequence
 
+import ftfy
 import numpy as np
+import regex
 
 from wimfris_jax.errors import UserError
 
@@ -70,11 +73,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' "PyTorch was not found. Models won't be available ..." notice, logged when it is imported
+    without torch: only its tokenizer is used here, which needs none. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found")
+
+
+def _clip_tokenizer_class() -> type:
+    """transformers' CLIPTokenizer, imported without the no-torch notice (:class:`_NoTorchNotice`)."""
+    logger, notice = logging.getLogger("transformers"), _NoTorchNotice()  # the logger transformers/__init__ uses
+    logger.addFilter(notice)
+    try:
+        from transformers import CLIPTokenizer  # heavy (~0.8 s) and only for the tokenizer: imported on first use
+    finally:
+        logger.removeFilter(notice)
+    return CLIPTokenizer
+
+
 @functools.cache
 def _tokenizer():
     """Builds (once) the transformers CLIPTokenizer from OpenAI's vocabulary, in OpenAI's id order."""
-    from transformers import CLIPTokenizer
-
     path = vocab_path()
     try:
         with gzip.open(path) as f:
@@ -87,7 +107,7 @@ def _tokenizer():
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok = _clip_tokenizer_class()(vocab=vocab, merges=merges)
     return tok, vocab[SOT_TOKEN], vocab[EOT_TOKEN]
 
 
@@ -105,9 +125,6 @@ def _continues_character() -> np.ndarray:
 
 def clean(text: str) -> str:
     """OpenAI's text clean-up: ftfy repair, HTML-unescape twice, collapse whitespace, lower-case."""
-    import ftfy
-    import regex
-
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 

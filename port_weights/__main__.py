@@ -1,6 +1,7 @@
 """``python -m port_weights <family> SRC OUT``: convert a PyTorch checkpoint into a file the model loads.
 
-Each family module exposes ``from_checkpoint(src: str) -> (params, meta)``; the result is written with
+Each family module exposes ``from_checkpoint(src: str) -> (params, meta)`` (:func:`port_weights.protocol.port` of its
+:class:`~port_weights.protocol.Family`); the result is written with
 :func:`wimfris_jax.io.save_params` and read back with :func:`wimfris_jax.io.load_params`.
 
 Bad input (a missing or unsafe SRC, a checkpoint that does not fit, an OUT whose folder is missing or read-only)

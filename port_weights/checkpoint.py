@@ -1,4 +1,4 @@
-"""Reading PyTorch checkpoints into ``{name: numpy array}`` and finding what they hold (layout, blocks, heads).
+"""Reading PyTorch checkpoints into ``{name: numpy array}`` (and the ``config.json`` beside them).
 
 Tensors keep their stored dtype (float16, bfloat16 via ``ml_dtypes``, integers, bool): :func:`port_weights.common.
 convert` checks and casts them, so the converters can refuse integer weights and report upcasts. Files are read
@@ -9,12 +9,11 @@ PyTorch is imported lazily, only for ``.bin``/``.pth``/``.pt`` files.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, deserialize
 
 from port_weights.common import ConversionError, as_numpy
 from wimfris_jax.errors import UserError
+from wimfris_jax.io import read_json_object
 
 Array = np.ndarray
 # safetensors dtype codes -> numpy; BF16 through ml_dtypes, which safetensors.numpy does not use.
@@ -99,7 +99,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
         raise MissingCheckpointError(f"no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
-    import torch  # only here: the model's import path never imports torch
+    import torch  # lazy: torch is heavy and optional, needed only for .bin/.pth/.pt files
 
     if _is_torchscript(path):
         try:
@@ -176,49 +176,15 @@ def strip_prefix(state_dict: Mapping[str, Array], prefix: str) -> dict[str, Arra
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
-def read_hf_config(src: str, section: str | None = None) -> dict[str, Any]:
+def read_hf_config(src: str, model_type: str = "", section: str | None = None) -> dict[str, Any]:
     """The ``config.json`` of a Hugging Face folder ``src`` (or beside the file ``src``), its ``section``
-    (e.g. "text_config") when present; {} when there is none."""
+    (e.g. "text_config") when present; {} when there is none or its ``model_type`` does not start with
+    ``model_type`` (a config of another model)."""
     folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConversionError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"{path}: holds a {type(cfg).__name__}, not a JSON object")
+    cfg = read_json_object(path, ConversionError)
+    if not str(cfg.get("model_type", "")).startswith(model_type):
+        return {}
     return dict(cfg.get(section, cfg)) if section else cfg
-
-
-# ---------------------------------------------------------------------------------- reading a layout
-def only_one(found: list[tuple[str, str]], source: str, what: str) -> tuple[str, str]:
-    """The single ``(layout, key prefix)`` in ``found``; else a ConversionError naming ``what`` was searched."""
-    if len(found) != 1:
-        n = "no" if not found else f"{len(found)} ({[p for _, p in found]})"
-        raise ConversionError(f"{source}: found {n} {what}; cannot tell which weights to convert")
-    return found[0]
-
-
-def block_count(state_dict: Mapping[str, Any], block: re.Pattern, source: str, what: str) -> int:
-    """How many blocks the keys matching ``block`` (group 1: the block index) hold; they must be 0..n-1."""
-    layers = {int(m.group(1)) for k in state_dict if (m := block.match(k))}
-    if not layers or layers != set(range(len(layers))):
-        raise ConversionError(f"{source}: {what} blocks must be numbered 0..n-1, found {sorted(layers)}")
-    return len(layers)
-
-
-def infer_num_heads(width: int, num_heads: int | None, hf_config: Mapping[str, Any], source: str) -> int:
-    """``num_heads`` if given, else ``config.json``'s ``num_attention_heads``, else head size 64; must divide width."""
-    heads = int(num_heads or hf_config.get("num_attention_heads") or max(1, width // 64))
-    if width % heads:
-        raise ConversionError(f"{source}: width {width} is not divisible by {heads} heads")
-    return heads
-
-
-def dropped_keys(keys: Iterable[str], ignore: Iterable[str]) -> list[str]:
-    """The ``keys`` that an ``ignore`` regex fully matches, sorted (what ``convert`` dropped on purpose)."""
-    ignore = list(ignore)
-    return sorted(k for k in keys if any(re.fullmatch(p, k) for p in ignore))

@@ -2,7 +2,8 @@
 
 Layouts (detected from the key names; a common prefix such as DETRIS's ``txt_backbone.`` is found and kept):
 
-- "openai": OpenAI ``clip/model.py`` names, from ``ViT-B-16.pt`` (a TorchScript archive) or a plain state dict:
+- "openai": OpenAI ``clip/model.py`` names, from ``ViT-B-16.pt`` / ``ViT-L-14.pt`` (TorchScript archives) or a plain
+  state dict:
   ``token_embedding.weight``, ``positional_embedding`` (77, W), ``transformer.resblocks.{i}.{ln_1, attn.in_proj_weight,
   attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_final``, ``text_projection`` (W, P) (used as
   ``x @ P``, so copied as is). ``visual.*``, ``logit_scale`` and the archive's ``input_resolution`` /
@@ -11,8 +12,11 @@ Layouts (detected from the key names; a common prefix such as DETRIS's ``txt_bac
   ``CLIPTextModelWithProjection`` and ``CLIPModel`` (``text_model.*`` + ``text_projection.weight``, transposed;
   ``vision_model.*``, ``visual_projection``, ``logit_scale`` dropped).
 
-Sizes come from the shapes; the head count comes from a ``config.json`` beside the weights, else ``num_heads``,
-else CLIP's head size 64 (width // 64). ``proj_dim`` is None when the checkpoint has no text projection.
+Sizes come from the shapes; the head count (which no shape shows) is ``num_heads`` if given, else the
+``num_attention_heads`` of a ``config.json`` beside the weights (its ``text_config`` for a CLIPModel), else CLIP's
+head size 64 as OpenAI's ``build_model`` derives it (width // 64: 8 heads for ViT-B/16's 512, 12 for ViT-L/14's
+768). ``proj_dim`` is None when the checkpoint has no text projection. A full B/16 or L/14 tower gives
+:func:`~wimfris_jax.backbones.clip_text.clip_text_config` ("b16" / "l14").
 """
 
 from __future__ import annotations
@@ -21,26 +25,30 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from port_weights.checkpoint import (
-    block_count,
-    dropped_keys,
-    infer_num_heads,
-    load_torch_checkpoint,
-    only_one,
-    read_hf_config,
-)
 from port_weights.common import (
     ConversionError,
     Rule,
-    convert_with_dtypes,
     heads_out,
     linear,
     path_prefix,
     split_in_proj,
     split_qkv_rules,
 )
+from port_weights.protocol import (
+    Family,
+    Layout,
+    block_count,
+    convert_family,
+    infer_num_heads,
+    only_one,
+    port,
+    under_prefix,
+)
+from wimfris_jax.backbones.clip_text import ClipText
 
 LAYOUTS = ("openai", "hf")
 
@@ -109,15 +117,15 @@ def ignore_patterns(src_prefix: str = "", layout: str = "openai") -> list[str]:
     ]
 
 
-def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, str]:
-    """(layout, key prefix) of the CLIP text weights in ``state_dict``."""
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Layout:
+    """The layout ("openai" or "hf") and key prefix of the CLIP text weights in ``state_dict``."""
     found = []
     for k in state_dict:
         if k.endswith("embeddings.token_embedding.weight"):
             p = k[: -len("embeddings.token_embedding.weight")]
-            found.append(("hf", p[: -len("text_model.")] if p.endswith("text_model.") else p))
+            found.append(Layout("hf", p[: -len("text_model.")] if p.endswith("text_model.") else p))
         elif k == "token_embedding.weight" or k.endswith(".token_embedding.weight"):
-            found.append(("openai", k[: -len("token_embedding.weight")]))
+            found.append(Layout("openai", k[: -len("token_embedding.weight")]))
     what = (
         "CLIP token embedding(s) ('token_embedding.weight' of OpenAI CLIP or 'embeddings.token_embedding.weight' "
         "of transformers)"
@@ -127,15 +135,17 @@ def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> 
 
 def infer_config(
     state_dict: Mapping[str, np.ndarray],
-    prefix: str = "",
-    layout: str = "openai",
+    layout: Layout,
+    source: str = "checkpoint",
+    *,
     num_heads: int | None = None,
     hf_config: Mapping[str, Any] | None = None,
-    source: str = "checkpoint",
 ) -> dict[str, Any]:
-    """The :class:`ClipText` fields that fit the weights under ``prefix``."""
+    """The :class:`ClipText` fields that fit the weights of ``layout``; the head count is ``num_heads``, else
+    ``hf_config``'s, else width // 64."""
+    prefix = layout.prefix
     hf_config = dict(hf_config or {})
-    if layout == "openai":
+    if layout.name == "openai":
         tower = prefix
         tok, pos, fc1, proj = "token_embedding.weight", "positional_embedding", "mlp.c_fc.weight", "text_projection"
         blk = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
@@ -154,11 +164,16 @@ def infer_config(
     hidden = next((np.shape(v)[0] for k, v in state_dict.items() if blk.match(k) and k.endswith(fc1)), None)
     if hidden is None:
         raise ConversionError(f"{source}: no MLP weight ({fc1}) found in the CLIP text blocks")
-    if layout == "openai":
+    if layout.name == "openai":
         proj_dim = np.shape(state_dict[prefix + proj])[1] if prefix + proj in state_dict else None
     else:
         key = prefix + "text_projection.weight"
         proj_dim = np.shape(state_dict[key])[0] if key in state_dict else None
+    if "hidden_size" in hf_config and int(hf_config["hidden_size"]) != int(width):
+        raise ConversionError(
+            f"{source}: config.json hidden_size={hf_config['hidden_size']} but the text weights have width {width}; "
+            "it describes another model (its head count would be wrong)"
+        )
     heads = infer_num_heads(width, num_heads, hf_config, source)
     act = hf_config.get("hidden_act", "quick_gelu")
     if act != "quick_gelu":
@@ -177,13 +192,21 @@ def infer_config(
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``ClipText(**config)`` (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from wimfris_jax.backbones.clip_text import ClipText
-
     ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
     return jax.eval_shape(ClipText(**config).init, jax.random.key(0), ids)["params"]
+
+
+CLIP = Family(
+    name="clip",
+    detect_layout=detect_layout,
+    infer_config=infer_config,
+    rules=lambda layout, config: rules(layout.prefix, num_heads=config["num_heads"], layout=layout.name),
+    expected=lambda layout, config: expected_params(config),
+    ignore=lambda layout: ignore_patterns(layout.prefix, layout.name),
+    owns=under_prefix(r"transformer\.resblocks\.\d+\.adapter\."),  # DETRIS's text adapters: not CLIP weights
+    hf_model_type="clip",
+    hf_section="text_config",
+)
 
 
 def convert_state_dict(
@@ -197,29 +220,11 @@ def convert_state_dict(
     Keys outside the detected prefix (the rest of a DETRIS model) and DETRIS's ``resblocks.{i}.adapter.*`` are
     skipped and counted in ``meta["skipped"]``.
     """
-    layout, prefix = detect_layout(state_dict, source)
-    config = infer_config(state_dict, prefix, layout, num_heads, hf_config, source)
-    adapter = re.compile(re.escape(prefix) + r"transformer\.resblocks\.\d+\.adapter\.")
-    own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
-    ignore = ignore_patterns(prefix, layout)
-    table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
-    params, dtypes = convert_with_dtypes(own, table, expected_params(config), ignore=ignore, source=source)
-    meta = {
-        "family": "clip",
-        "layout": layout,
-        "prefix": prefix,
-        "config": config,
-        "dropped": dropped_keys(own, ignore),
-        "skipped": len(state_dict) - len(own),
-        "source_dtypes": dtypes,
-    }
-    return params, meta
+    return convert_family(CLIP, state_dict, source, num_heads=num_heads, hf_config=hf_config)
 
 
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Reads a CLIP checkpoint (OpenAI .pt / TorchScript, HF folder / .safetensors / .bin, DETRIS .pth) ->
     (params, meta); ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.ClipText` fields and
     ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype (OpenAI's archives: float16)."""
-    cfg = read_hf_config(src)
-    cfg = cfg.get("text_config", cfg) if str(cfg.get("model_type", "")).startswith("clip") else {}
-    return convert_state_dict(load_torch_checkpoint(src), src, num_heads, cfg)
+    return port(CLIP, src, num_heads=num_heads)

@@ -6,7 +6,8 @@ and then compares what it produced with the parameter shapes the Flax model expe
 source keys no rule maps, expected parameters nothing produced, shape mismatches, two sources writing the
 same target — are collected and raised together in one :class:`ConversionError`, so a user with a
 renamed or truncated checkpoint sees every bad key in one run; a missing parameter is named by its Flax path
-and by the source key(s) the table expects for it (:func:`port_weights.names.source_names`).
+and by the source key(s) the table expects for it (:func:`port_weights.names.source_names`). How a family finds
+its layout and sizes and builds its table is the protocol of :mod:`port_weights.protocol`.
 
 Source tensors arrive in their stored dtypes (files are read by :mod:`port_weights.checkpoint`): integer or bool
 tensors for float parameters are refused, float16/bfloat16 ones are upcast with one :class:`UpcastWarning`, and
@@ -256,7 +257,7 @@ def as_numpy(value: Any) -> Array:
         return np.asarray(value)
     t = value.detach().cpu()
     if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret the bits
-        import torch  # already imported: ``value`` is a torch tensor
+        import torch  # lazy, torch being heavy and optional; loaded already, as ``value`` is a torch tensor
 
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()

@@ -22,18 +22,23 @@ from typing import Any
 
 import numpy as np
 
-from port_weights.checkpoint import dropped_keys, load_torch_checkpoint, strip_prefix
+from port_weights import clip, dinov2
+from port_weights.checkpoint import load_torch_checkpoint, strip_prefix
 from port_weights.common import (
     ConversionError,
     Rule,
     conv1d,
     conv2d,
     conv_transpose2d,
-    convert_with_dtypes,
     heads_out,
     linear,
     split_in_proj,
 )
+from port_weights.protocol import Family, Layout, convert_family, everything
+from wimfris_jax.backbones.dinov2 import dinov2_config
+from wimfris_jax.config import load_config as load_config_file
+from wimfris_jax.load import expected_variables
+from wimfris_jax.model import build_model
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).
 IGNORE = [r"(module\.)?(.*\.)?num_batches_tracked"]
@@ -163,9 +168,6 @@ def model_rules(model_config: Any) -> list[Rule]:
     """Every rule of a DETRIS checkpoint for the model ``build_model(model_config)`` (``config.model`` of
     configs/detris_*.py): CLIP text tower -> ``text_encoder``, DINOv2 -> ``image_encoder``, text adapters ->
     ``text_adapter_<i>``, Dense Aligners -> ``dense_aligner_<i>``, ``neck``, ``decoder``, ``projector``."""
-    from port_weights import clip, dinov2
-    from wimfris_jax.backbones.dinov2 import dinov2_config
-
     vision = dict(model_config.vision)
     preset = vision.pop("preset", None)
     vision = {**(dinov2_config(preset) if preset else {}), **vision}
@@ -184,22 +186,7 @@ def model_rules(model_config: Any) -> list[Rule]:
 def model_ignore() -> list[str]:
     """Source keys dropped on purpose: BatchNorm step counters, DINOv2's mask token (masked-image pretraining
     only), CLIP's logit scale and vision tower."""
-    from port_weights import clip, dinov2
-
     return IGNORE + dinov2.ignore_patterns("dinov2.") + clip.ignore_patterns("txt_backbone.")
-
-
-def convert_state_dict(
-    state_dict: Mapping[str, np.ndarray], model_config: Any, source: str = "checkpoint"
-) -> tuple[dict[str, Any], dict[str, int]]:
-    """An official-layout DETRIS state dict (``module.`` already stripped) -> (``{"params", "batch_stats"}`` of
-    ``build_model(model_config)``, the source tensors' dtype counts). Every unmapped, missing or mis-shaped key
-    is reported in one ConversionError."""
-    from wimfris_jax.load import expected_variables
-    from wimfris_jax.model import build_model
-
-    expected = expected_variables(build_model(model_config), model_config)
-    return convert_with_dtypes(state_dict, model_rules(model_config), expected, model_ignore(), source)
 
 
 def load_config(name_or_path: str | Any) -> tuple[Any, str]:
@@ -208,10 +195,58 @@ def load_config(name_or_path: str | Any) -> tuple[Any, str]:
     if not isinstance(name_or_path, str):
         return name_or_path, "custom"
     if name_or_path.endswith(".py"):
-        from wimfris_jax.config import load_config as load_file
-
-        return load_file(name_or_path), os.path.splitext(os.path.basename(name_or_path))[0]
+        return load_config_file(name_or_path), os.path.splitext(os.path.basename(name_or_path))[0]
     return importlib.import_module(f"configs.{name_or_path}").get_config(), name_or_path
+
+
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Layout:
+    """DETRIS has one layout, the official names (DDP's ``module.`` stripped by :func:`convert_state_dict`)."""
+    return Layout("official")
+
+
+def infer_config(
+    state_dict: Mapping[str, np.ndarray], layout: Layout, source: str = "checkpoint", *, config: str | Any | None = None
+) -> dict[str, Any]:
+    """``{"name", "model"}``: the config's name and its ``model`` section; ``config`` as in :func:`from_checkpoint`,
+    by default detris_b or detris_l by the DINOv2 width."""
+    if config is None:
+        width = int(dinov2.infer_config(state_dict, dinov2.detect_layout(state_dict, source), source)["width"])
+        if width not in CONFIGS:
+            raise ConversionError(f"{source}: DINOv2 width {width}; DETRIS checkpoints have {sorted(CONFIGS)}")
+        config = CONFIGS[width]
+    cfg, name = load_config(config)
+    return {"name": name, "model": cfg.model}
+
+
+def _meta(layout: Layout, config: Mapping[str, Any]) -> dict[str, Any]:
+    vision = dict(config["model"].vision)
+    return {
+        "collections": ["params", "batch_stats"],
+        "config": config["name"],  # the model section is not JSON: the config is named
+        "interpolation": vision.get("interpolation", "torchhub"),
+        "vision": vision,
+        "text": dict(config["model"].text),
+    }
+
+
+DETRIS = Family(
+    name="detris",
+    detect_layout=detect_layout,
+    infer_config=infer_config,
+    rules=lambda layout, config: model_rules(config["model"]),
+    expected=lambda layout, config: expected_variables(build_model(config["model"]), config["model"]),
+    ignore=lambda layout: model_ignore(),
+    owns=everything,
+    meta=_meta,
+)
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray], source: str = "checkpoint", config: str | Any | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An official-layout DETRIS state dict (keys with or without DDP's ``module.``) -> ``(variables, meta)`` of
+    ``build_model(config.model)``. Every unmapped, missing or mis-shaped key is reported in one ConversionError."""
+    return convert_family(DETRIS, strip_prefix(state_dict, "module."), source, config=config)
 
 
 def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -225,26 +260,4 @@ def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str
     as the file's params entry, and ``meta["collections"]`` tells :func:`wimfris_jax.load_model` so.
     ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype.
     """
-    from port_weights import dinov2
-
-    state_dict = strip_prefix(load_torch_checkpoint(src), "module.")
-    if config is None:
-        _, prefix = dinov2.detect_layout(state_dict, src)
-        width = int(dinov2.infer_config(state_dict, prefix, "torchhub", source=src)["width"])
-        if width not in CONFIGS:
-            raise ConversionError(f"{src}: DINOv2 width {width}; DETRIS checkpoints have {sorted(CONFIGS)}")
-        config = CONFIGS[width]
-    cfg, name = load_config(config)
-    variables, dtypes = convert_state_dict(state_dict, cfg.model, source=src)
-    vision = dict(cfg.model.vision)
-    meta = {
-        "family": "detris",
-        "collections": ["params", "batch_stats"],
-        "config": name,
-        "interpolation": vision.get("interpolation", "torchhub"),
-        "vision": vision,
-        "text": dict(cfg.model.text),
-        "dropped": dropped_keys(state_dict, model_ignore()),
-        "source_dtypes": dtypes,
-    }
-    return variables, meta
+    return convert_state_dict(load_torch_checkpoint(src), src, config)

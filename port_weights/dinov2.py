@@ -25,29 +25,34 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from port_weights.checkpoint import (
-    block_count,
-    dropped_keys,
-    infer_num_heads,
-    load_torch_checkpoint,
-    only_one,
-    read_hf_config,
-)
 from port_weights.common import (
     ConversionError,
     Rule,
     conv2d,
-    convert_with_dtypes,
     heads_out,
     linear,
     path_prefix,
     split_in_proj,
     split_qkv_rules,
 )
+from port_weights.protocol import (
+    Family,
+    Layout,
+    block_count,
+    convert_family,
+    infer_num_heads,
+    only_one,
+    port,
+    under_prefix,
+)
+from wimfris_jax.backbones.dinov2 import DinoV2
+from wimfris_jax.backbones.vit import swiglu_hidden
 
-LAYOUTS = ("torchhub", "hf")
+LAYOUTS = ("torchhub", "hf", "hf-v4", "hf-v5")  # "hf": the rules of both hf-v4 and hf-v5
 
 
 def split_gate_up(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -65,7 +70,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
       src_prefix: literal prefix of the keys, e.g. ``"dinov2."`` in a DETRIS checkpoint.
       dst_prefix: '/'-path of the DinoV2 module in the Flax tree, e.g. ``"params/image_encoder"`` ("" at the root).
       num_heads: attention heads (needed to split projections per head).
-      layout: "torchhub" or "hf" (the hf rules accept both the v4 and the v5 names).
+      layout: "torchhub" or "hf" (the hf rules accept both the v4 and the v5 names; "hf-v4" and "hf-v5" are "hf").
     """
     s, d, h = re.escape(src_prefix), path_prefix(dst_prefix), num_heads
     if layout == "torchhub":
@@ -89,7 +94,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "", *, num_heads: int, layout:
             Rule(s + r"norm\.weight", d + "norm/scale"),
             Rule(s + r"norm\.bias", d + "norm/bias"),
         ]
-    if layout != "hf":
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     e = s + r"embeddings\."
     lay = s + r"encoder\.layer\.(\d+)\."
@@ -124,29 +129,35 @@ def ignore_patterns(src_prefix: str = "", layout: str = "torchhub") -> list[str]
     return [s + ("mask_token" if layout == "torchhub" else r"embeddings\.mask_token")]
 
 
-def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> tuple[str, str]:
-    """(layout, key prefix) of the DINOv2 weights in ``state_dict``."""
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Layout:
+    """The layout ("torchhub", "hf-v4" or "hf-v5") and key prefix of the DINOv2 weights in ``state_dict``."""
     found = []
     for k in state_dict:
         if k.endswith("embeddings.position_embeddings"):
-            found.append(("hf", k[: -len("embeddings.position_embeddings")]))
+            found.append(Layout("hf", k[: -len("embeddings.position_embeddings")]))
         elif k == "pos_embed" or k.endswith(".pos_embed"):
-            found.append(("torchhub", k[: -len("pos_embed")]))
+            found.append(Layout("torchhub", k[: -len("pos_embed")]))
     what = "DINOv2 position table(s) ('pos_embed' of torch-hub or 'embeddings.position_embeddings' of transformers)"
-    return only_one(found, source, what)
+    layout = only_one(found, source, what)
+    if layout.name == "torchhub":
+        return layout
+    v5 = re.compile(re.escape(layout.prefix) + r"encoder\.layer\.\d+\.attention\.q_proj\.weight")
+    return Layout("hf-v5" if any(v5.fullmatch(k) for k in state_dict) else "hf-v4", layout.prefix)
 
 
 def infer_config(
     state_dict: Mapping[str, np.ndarray],
-    prefix: str = "",
-    layout: str = "torchhub",
+    layout: Layout,
+    source: str = "checkpoint",
+    *,
     num_heads: int | None = None,
     hf_config: Mapping[str, Any] | None = None,
-    source: str = "checkpoint",
 ) -> dict[str, Any]:
-    """The :class:`DinoV2` fields that fit the weights under ``prefix``."""
+    """The :class:`DinoV2` fields that fit the weights of ``layout``; the head count is ``num_heads``, else
+    ``hf_config``'s, else width // 64."""
+    prefix = layout.prefix
     hf_config = dict(hf_config or {})
-    th = layout == "torchhub"
+    th = layout.name == "torchhub"
     names = {
         "cls": "cls_token" if th else "embeddings.cls_token",
         "pos": "pos_embed" if th else "embeddings.position_embeddings",
@@ -198,8 +209,6 @@ def infer_config(
 
 
 def _mlp_ratio(width: int, hidden: int, ffn: str, source: str) -> float:
-    from wimfris_jax.backbones.vit import swiglu_hidden
-
     for ratio in (4.0, hidden / width, hidden * 1.5 / width):
         if (swiglu_hidden(width, ratio) if ffn == "swiglu" else int(width * ratio)) == hidden:
             return float(ratio)
@@ -208,14 +217,22 @@ def _mlp_ratio(width: int, hidden: int, ffn: str, source: str) -> float:
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``DinoV2(**config)`` (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from wimfris_jax.backbones.dinov2 import DinoV2
-
     side = config["pos_grid"] * config["patch_size"]
     x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
     return jax.eval_shape(DinoV2(**config).init, jax.random.key(0), x)["params"]
+
+
+DINOV2 = Family(
+    name="dinov2",
+    detect_layout=detect_layout,
+    infer_config=infer_config,
+    rules=lambda layout, config: rules(layout.prefix, num_heads=config["num_heads"], layout=layout.name),
+    expected=lambda layout, config: expected_params(config),
+    ignore=lambda layout: ignore_patterns(layout.prefix, layout.name),
+    owns=under_prefix(r"(blocks\.(\d+\.)?\d+|encoder\.layer\.\d+)\.adapter\."),  # DETRIS's Dense Aligners
+    meta=lambda layout, config: {"interpolation": config["interpolation"]},
+    hf_model_type="dinov2",
+)
 
 
 def convert_state_dict(
@@ -229,27 +246,7 @@ def convert_state_dict(
     Keys outside the detected prefix (e.g. a classifier head, or the rest of a DETRIS model) and DETRIS's
     ``blocks.{i}.adapter.*`` are not DINOv2 weights: they are skipped and counted in ``meta["skipped"]``.
     """
-    layout, prefix = detect_layout(state_dict, source)
-    config = infer_config(state_dict, prefix, layout, num_heads, hf_config, source)
-    adapter = re.compile(re.escape(prefix) + r"(blocks\.(\d+\.)?\d+|encoder\.layer\.\d+)\.adapter\.")
-    own = {k: v for k, v in state_dict.items() if k.startswith(prefix) and not adapter.match(k)}
-    table = rules(prefix, "", num_heads=config["num_heads"], layout=layout)
-    ignore = ignore_patterns(prefix, layout)
-    params, dtypes = convert_with_dtypes(own, table, expected_params(config), ignore=ignore, source=source)
-    if layout == "hf":
-        v5 = any(re.search(r"attention\.q_proj\.weight$", k) for k in own)
-        layout = "hf-v5" if v5 else "hf-v4"
-    meta = {
-        "family": "dinov2",
-        "layout": layout,
-        "prefix": prefix,
-        "config": config,
-        "interpolation": config["interpolation"],
-        "dropped": dropped_keys(own, ignore),
-        "skipped": len(state_dict) - len(own),
-        "source_dtypes": dtypes,
-    }
-    return params, meta
+    return convert_family(DINOV2, state_dict, source, num_heads=num_heads, hf_config=hf_config)
 
 
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
@@ -258,7 +255,4 @@ def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.DinoV2` fields, resampling rule included;
     ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype (``{"float32": 223}``).
     """
-    hf_config = read_hf_config(src)
-    if not str(hf_config.get("model_type", "")).startswith("dinov2"):
-        hf_config = {}  # no config.json, or one of another model
-    return convert_state_dict(load_torch_checkpoint(src), src, num_heads, hf_config)
+    return port(DINOV2, src, num_heads=num_heads)

@@ -14,17 +14,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from port_weights.checkpoint import dropped_keys, load_torch_checkpoint
-from port_weights.common import (
-    ConversionError,
-    Rule,
-    conv1d,
-    convert_with_dtypes,
-    linear,
-    path_prefix,
-)
+from port_weights.common import ConversionError, Rule, conv1d, linear, path_prefix
+from port_weights.protocol import Family, Layout, convert_family, everything, port
+from wimfris_jax.ssm import Mamba
 
 # Parts of a MambaModel / MambaForCausalLM that are not mixers (no counterpart in the block).
 NON_MIXER = [
@@ -58,8 +54,25 @@ def mixer_rules(src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
     ]
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], prefix: str = "", source: str = "checkpoint") -> dict:
-    """The :class:`~wimfris_jax.ssm.Mamba` constructor arguments that fit a mixer's weights under ``prefix``."""
+def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Layout:
+    """The layout: "model" (a MambaModel / MambaForCausalLM; the prefix of ``layers.{i}.mixer.`` and the layer
+    indices) or "mixer" (a bare mixer state dict)."""
+    found = {(m.group(1), int(m.group(2))) for k in state_dict if (m := _LAYER.match(k))}
+    prefixes = sorted({p for p, _ in found})
+    if len(prefixes) > 1:
+        raise ConversionError(f"{source}: mixer keys under several prefixes {prefixes}; convert them one by one")
+    if not found:
+        return Layout("mixer")
+    return Layout("model", prefixes[0], tuple(sorted(i for _, i in found)))
+
+
+def _mixer_prefix(layout: Layout, i: int) -> str:
+    return f"{layout.prefix}layers.{i}.mixer."
+
+
+def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, source: str = "checkpoint") -> dict:
+    """The :class:`~wimfris_jax.ssm.Mamba` constructor arguments that fit the (first) mixer's weights."""
+    prefix = _mixer_prefix(layout, layout.layers[0]) if layout.layers else ""
     need = ["in_proj.weight", "conv1d.weight", "dt_proj.weight", "A_log"]
     missing = [prefix + k for k in need if prefix + k not in state_dict]
     if missing:
@@ -86,36 +99,38 @@ def infer_config(state_dict: Mapping[str, np.ndarray], prefix: str = "", source:
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``Mamba(**config)`` (no arrays are allocated)."""
-    import jax
-    import jax.numpy as jnp
-
-    from wimfris_jax.ssm import Mamba
-
     x = jax.ShapeDtypeStruct((1, 2, config["d_model"]), jnp.float32)
     return jax.eval_shape(Mamba(**config).init, jax.random.key(0), x)["params"]
+
+
+def _expected(layout: Layout, config: Mapping[str, Any]) -> dict:
+    one = expected_params(config)
+    return {f"layers_{i}": one for i in layout.layers} if layout.layers else one
+
+
+def _rules(layout: Layout, config: Mapping[str, Any]) -> list[Rule]:
+    if not layout.layers:
+        return mixer_rules()
+    return [r for i in layout.layers for r in mixer_rules(_mixer_prefix(layout, i), f"layers_{i}")]
+
+
+MAMBA = Family(
+    name="mamba",
+    detect_layout=detect_layout,
+    infer_config=infer_config,
+    rules=_rules,
+    expected=_expected,
+    ignore=lambda layout: NON_MIXER if layout.layers else (),
+    owns=everything,  # a whole model's non-mixer keys are listed in ignore (or reported)
+    meta=lambda layout, config: {"layers": list(layout.layers) or None},
+)
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "checkpoint") -> tuple[dict, dict]:
     """A bare mixer state dict -> (Mamba params, meta); a MambaModel / MambaForCausalLM one -> params
     ``{"layers_{i}": <Mamba params>}`` for every mixer, its norms, embeddings and head listed in ``meta``
     as dropped. All layers must share one configuration."""
-    found = {(m.group(1), int(m.group(2))) for k in state_dict if (m := _LAYER.match(k))}
-    prefixes = sorted({p for p, _ in found})
-    if len(prefixes) > 1:
-        raise ConversionError(f"{source}: mixer keys under several prefixes {prefixes}; convert them one by one")
-    layers = sorted(i for _, i in found)
-    if not layers:
-        config = infer_config(state_dict, "", source)
-        params, dtypes = convert_with_dtypes(state_dict, mixer_rules(), expected_params(config), source=source)
-        return params, {"family": "mamba", "config": config, "layers": None, "source_dtypes": dtypes}
-    prefix = prefixes[0]
-    config = infer_config(state_dict, f"{prefix}layers.{layers[0]}.mixer.", source)
-    one = expected_params(config)
-    rules = [r for i in layers for r in mixer_rules(f"{prefix}layers.{i}.mixer.", f"layers_{i}")]
-    expected = {f"layers_{i}": one for i in layers}
-    params, dtypes = convert_with_dtypes(state_dict, rules, expected, ignore=NON_MIXER, source=source)
-    dropped = dropped_keys(state_dict, NON_MIXER)
-    return params, {"family": "mamba", "config": config, "layers": layers, "dropped": dropped, "source_dtypes": dtypes}
+    return convert_family(MAMBA, state_dict, source)
 
 
 def from_checkpoint(src: str) -> tuple[dict, dict]:
@@ -124,4 +139,4 @@ def from_checkpoint(src: str) -> tuple[dict, dict]:
     ``meta["config"]`` holds the :class:`~wimfris_jax.ssm.Mamba` arguments that fit the weights;
     ``meta["source_dtypes"]`` counts the converted tensors by their stored dtype.
     """
-    return convert_state_dict(load_torch_checkpoint(src), source=src)
+    return port(MAMBA, src)

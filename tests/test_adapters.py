@@ -107,14 +107,14 @@ def _msa_inputs():
 
 
 def _apply_msa(msa, params, x, words, pad):
-    return msa.apply(params, x, words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+    return msa.apply(params, x, words, pad, grid=GRID, num_prefix=PREFIX, train=False)
 
 
 def test_msa_matches_reference():
     """alpha * Up(x_mix + softmax-attention(x_mix -> words, padding masked)), prefix tokens skip the RFMixer."""
     msa = MultiScaleAligner(width=WIDTH, dim=8, num_heads=2, kernels=(3, 5))
     x, words, pad = _msa_inputs()
-    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, train=False)
     p = variables["params"]
     out = _apply_msa(msa, variables, x, words, pad)
 
@@ -136,7 +136,7 @@ def test_msa_matches_reference():
 def test_msa_padding_is_masked():
     msa = MultiScaleAligner(width=WIDTH, dim=8, num_heads=2)
     x, words, pad = _msa_inputs()
-    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, train=False)
     ref = _apply_msa(msa, variables, x, words, pad)
     at_pad = words.at[0, 4:].set(100.0)  # padded positions of sample 0
     np.testing.assert_array_equal(_apply_msa(msa, variables, x, at_pad, pad), ref)
@@ -148,7 +148,7 @@ def test_msa_emphasis():
     """alpha = sigmoid(p), p0 = logit(0.2); EP off: constant 0.2 and no parameter."""
     x, words, pad = _msa_inputs()
     msa = MultiScaleAligner(width=WIDTH, dim=8, num_heads=2)
-    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+    variables = msa.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, train=False)
     p0 = variables["params"]["emphasis_logit"]
     assert p0.shape == () and abs(float(p0) - math.log(0.25)) < 1e-7
     assert abs(float(msa.apply(variables, method=MultiScaleAligner.alpha)) - 0.2) < 1e-7
@@ -157,7 +157,7 @@ def test_msa_emphasis():
     np.testing.assert_allclose(_apply_msa(msa, moved, x, words, pad), ref * (0.7 / 0.2), rtol=1e-5, atol=1e-6)
 
     fixed = MultiScaleAligner(width=WIDTH, dim=8, num_heads=2, emphasis=False)
-    fixed_vars = fixed.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+    fixed_vars = fixed.init(KEY, x, words, pad, grid=GRID, num_prefix=PREFIX, train=False)
     assert "emphasis_logit" not in fixed_vars["params"]
     np.testing.assert_allclose(_apply_msa(fixed, fixed_vars, x, words, pad), ref, rtol=1e-6)
 
@@ -166,4 +166,4 @@ def test_msa_rejects_bad_token_count():
     x, words, pad = _msa_inputs()
     msa = MultiScaleAligner(width=WIDTH, dim=8, num_heads=2)
     with pytest.raises(ValueError, match="expected"):
-        msa.init(KEY, x[:, 1:], words, pad, grid=GRID, num_prefix=PREFIX, deterministic=True)
+        msa.init(KEY, x[:, 1:], words, pad, grid=GRID, num_prefix=PREFIX, train=False)

@@ -240,7 +240,7 @@ USER_ERRORS = {
     "not a run": (["predict", "--config", TINY, "--checkpoint", "{d}/foreign", "--image", "{d}/ok.png", "--text",
                    "a cat", "--out", "{tmp}/out"], 1, r"{d}/foreign is not a training run \(no checkpoints/ or best/"),
     "resume after a model change": (["train", "--config", TINY, "--workdir", "{run}", "--resume", *TRAIN_SMALL, "--set",
-                                     "model.mta.dim=24"], 1,
+                                     "model.text_adapter.dim=24"], 1,
                                     r"{run}/checkpoints/1 does not fit the model \(.*\): \S*mta_1/\S+ is "
                                     r"\((\d+, )*32,?\) in the checkpoint, \((\d+, )*24,?\) in the model; \d+ more "
                                     r"array\(s\) differ$"),

@@ -2,9 +2,9 @@
 reads the dataset the config names, for every dataset and both readers (refer layout, tensorflow-datasets)."""
 
 import pytest
+from fake_refcoco import write_fake_refcoco
 
 from configs.common import DATASETS
-from data_pipeline.fake_refcoco import write_fake_refcoco
 from data_pipeline.refer import load_refs
 from data_pipeline.sources import SourceError, build_source
 from wimfris_jax.config import ConfigError, apply_overrides, load_config

@@ -1,14 +1,17 @@
-"""The tfds `ref_coco` reader: built by the real builder from the fake refer files, it yields the refer reader's
-examples; our raw-record parsing agrees with tfds's own decoding."""
+"""The tfds `ref_coco` reader: built by the real builder (through the `python -m data_pipeline.build_tfds` command)
+from the fake refer files, it yields the refer reader's examples; our raw-record parsing agrees with tfds's own
+decoding."""
 
 import importlib.util
 import os
 
 import numpy as np
 import pytest
+from fake_refcoco import write_fake_refcoco
 
-from data_pipeline.fake_refcoco import write_fake_refcoco
-from data_pipeline.refcoco import RefCocoTfdsSource, _parse, build, make_manual_dir
+from data_pipeline import build_tfds
+from data_pipeline.build_tfds import build
+from data_pipeline.refcoco import RefCocoTfdsSource, parse_record
 from data_pipeline.refer import ReferSource
 
 SPLITS = [("train", "train"), ("val", "validation"), ("testA", "testA"), ("testB", "testB")]
@@ -18,9 +21,12 @@ HAS_TF = importlib.util.find_spec("tensorflow") is not None
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("refcoco"))
-    write_fake_refcoco(os.path.join(root, "refer"), seed=1)
-    make_manual_dir(os.path.join(root, "refer"), os.path.join(root, "manual"))
-    build("refcoco_unc", os.path.join(root, "tfds"), os.path.join(root, "manual"), without_tensorflow=True)
+    refer, manual, tfds = (os.path.join(root, d) for d in ("refer", "manual", "tfds"))
+    write_fake_refcoco(refer, seed=1)
+    build_tfds.main(["manual", "--refer-root", refer, "--out", manual])
+    build_tfds.main(
+        ["build", "--config", "refcoco_unc", "--data-dir", tfds, "--manual-dir", manual, "--without-tensorflow"]
+    )
     return root
 
 
@@ -96,7 +102,7 @@ def test_official_tensorflow_build_gives_the_same_examples(fake, tmp_path):
             tfds.data_source("ref_coco/refcoco_unc", split=split, data_dir=d, deserialize_method=RAW)
             for d in (str(tmp_path), os.path.join(fake, "tfds"))
         )
-        assert len(a) == len(b) > 0 and all(_parse(a[i]) == _parse(b[i]) for i in range(len(a)))
+        assert len(a) == len(b) > 0 and all(parse_record(a[i]) == parse_record(b[i]) for i in range(len(a)))
     for _, split in SPLITS:
         a = RefCocoTfdsSource("refcoco_unc", split, str(tmp_path))
         b = RefCocoTfdsSource("refcoco_unc", split, os.path.join(fake, "tfds"))

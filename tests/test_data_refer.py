@@ -7,10 +7,10 @@ import time
 import cv2
 import numpy as np
 import pytest
+from fake_refcoco import SPLITS, write_fake_refcoco
 from pycocotools.coco import COCO
 
 from data_pipeline import refer
-from data_pipeline.fake_refcoco import SPLITS, write_fake_refcoco
 from data_pipeline.preprocess import ExampleError, preprocess_eval, preprocess_train
 from data_pipeline.refer import ReferSource, RefsFileError, UnsafeRefsError, load_refs
 from wimfris_jax.errors import UserError

@@ -57,7 +57,7 @@ def test_resolve_remat():
 
 def test_remat_modes_keep_parameters_and_gradients_of_the_tiny_model():
     cfg = load_config("configs/tiny.py")
-    cfg.model.decoder.dropout = cfg.model.msa.dropout = 0.0  # equal forward passes; remat re-derives dropout keys
+    cfg.model.decoder.dropout = cfg.model.vision_adapter.dropout = 0.0  # equal forwards; remat re-derives dropout keys
     x = jax.random.normal(jax.random.key(5), (2, 128, 128, 3))
     ids = jnp.asarray(np.r_[[1, 5, 9, 49407], [0] * 13][None].repeat(2, 0), jnp.int32)
     variables = model_lib.build_model(cfg.model).init(jax.random.key(0), x, ids)

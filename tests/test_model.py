@@ -119,11 +119,11 @@ def _ablation(changes):
 
 ABLATIONS = {
     # Table 3a "no partition" + Table 4 kernels + Table 3b EP off
-    "window_none": ({"neck.window": None, "msa.kernels": (1, 1, 1), "msa.emphasis": False}, None),
+    "window_none": ({"neck.window": None, "vision_adapter.kernels": (1, 1, 1), "vision_adapter.emphasis": False}, None),
     # Table 3a window 2 + Table 5 placement
-    "window_2": ({"neck.window": 2, "msa_layers": (0, 1), "mta_layers": (0, 1)}, 64),
+    "window_2": ({"neck.window": 2, "vision_adapter.layers": (0, 1), "text_adapter.layers": (0, 1)}, 64),
     # Table 3b: no MSA, no MTA; window 16 = the whole 16x16 grid (still one class token)
-    "no_adapters": ({"use_msa": False, "use_mta": False, "neck.window": 16}, 1),
+    "no_adapters": ({"vision_adapter.kind": "none", "text_adapter.kind": "none", "neck.window": 16}, 1),
     "neck_aggregate": ({"neck.kind": "aggregate"}, None),  # HMF without WMF
     "neck_none": ({"neck.kind": "none"}, None),  # Table 1 "X"
     "neck_detris": ({"neck.kind": "detris"}, None),  # Table 1 "DETRIS"
@@ -167,8 +167,8 @@ def test_ablation_switches(name):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="msa_layers"):
-        build_model(_ablation({"msa_layers": (1, 4)}).model)
+    with pytest.raises(ValueError, match="vision_adapter.layers"):
+        build_model(_ablation({"vision_adapter.layers": (1, 4)}).model)
     with pytest.raises(ValueError, match="widths disagree"):
         build_model(_ablation({"decoder.d_model": 32}).model)
     with pytest.raises(ValueError, match="unknown neck|choose one of"):

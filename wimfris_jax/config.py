@@ -10,10 +10,14 @@ import importlib.util
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
+
 from wimfris_jax.errors import UserError
+from wimfris_jax.io import read_json_object
 
 
 class ConfigError(UserError, ValueError):
@@ -76,3 +80,45 @@ def load_config(path: str) -> Any:
         return get_config(arg)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def upgrade_model_config(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A ``config.model`` dict in the adapter schema (``text_adapter`` / ``vision_adapter`` with a ``kind``) from
+    one written before it (a run's config.json): returns (the new dict, the old keys replaced; empty when it
+    was already current). Parameter names did not change, so the run's checkpoints load as they are.
+
+    Old WIMFRIS keys: use_mta, mta_layers, mta_scale, mta {dim, zero_init_up}, use_msa, msa_layers, msa {...};
+    old DETRIS keys: adapter_kind="detris" with text_adapter / vision_adapter without a kind."""
+    model = dict(model)
+    kind = model.pop("adapter_kind", None)
+    old = [k for k in ("use_mta", "use_msa", "mta_layers", "msa_layers", "mta_scale", "mta", "msa") if k in model]
+    if kind is None and not old:
+        return model, []
+    if kind == "detris":
+        model["text_adapter"] = {"kind": "dmoc", **dict(model["text_adapter"])}
+        model["vision_adapter"] = {"kind": "dense_aligner", **dict(model["vision_adapter"])}
+        return model, ["adapter_kind", *old]
+    use_mta, use_msa = model.pop("use_mta", True), model.pop("use_msa", True)
+    model["text_adapter"] = {
+        "kind": "mta" if use_mta else "none",
+        "layers": tuple(model.pop("mta_layers", ())),
+        "scale": model.pop("mta_scale", 0.2),
+        **dict(model.pop("mta", {})),
+    }
+    model["vision_adapter"] = {
+        "kind": "msa" if use_msa else "none",
+        "layers": tuple(model.pop("msa_layers", ())),
+        **dict(model.pop("msa", {})),
+    }
+    return model, (["adapter_kind"] if kind else []) + old
+
+
+def read_run_config(path: str) -> ml_collections.ConfigDict:
+    """The ``config.json`` a training run wrote, as a ConfigDict; a model config in the schema before
+    text_adapter / vision_adapter is upgraded (:func:`upgrade_model_config`, with a warning naming the old keys)."""
+    config = read_json_object(path, ConfigError)
+    if isinstance(config.get("model"), dict):
+        config["model"], old = upgrade_model_config(config["model"])
+        if old:
+            warnings.warn(f"{path}: model config upgraded to the adapter schema (old keys {old})", stacklevel=2)
+    return ml_collections.ConfigDict(config)

@@ -37,8 +37,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from configs import demo as demo_configs
+from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.sources import build_source
+from wimfris_jax import model as model_lib
 from wimfris_jax.config import apply_overrides
+from wimfris_jax.evaluate import data_settings, evaluate, forward_fn
+from wimfris_jax.metrics import format_table, intersection_union, postprocess
+from wimfris_jax.train.loop import train
+from wimfris_jax.visualize import grid, save_png
 
 GRID_EXAMPLES = 8
 SAMPLES = 4
@@ -46,19 +53,13 @@ SAMPLES = 4
 
 def demo_config(quick: bool = False) -> Any:
     """configs/demo.py's ``get_config(quick)`` (imported from the installed ``configs`` package)."""
-    from configs import demo
-
-    return demo.get_config(quick)
+    return demo_configs.get_config(quick)
 
 
 def _predict_examples(
     model: Any, variables: Any, examples: Sequence[dict], config: Any, batch_size: int
 ) -> list[np.ndarray]:
     """Masks (original size) for raw examples, through the same compiled forward as the evaluation."""
-    from data_pipeline.preprocess import preprocess_eval
-    from wimfris_jax.evaluate import data_settings, forward_fn
-    from wimfris_jax.metrics import postprocess
-
     settings = data_settings(config)
     forward = forward_fn(model)
     masks = []
@@ -77,12 +78,6 @@ def _predict_examples(
 
 def run_demo(workdir: str = "wimfris_demo", *, quick: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Trains, evaluates and draws (module docstring); returns the figures written to demo_results.json."""
-    from wimfris_jax import model as model_lib
-    from wimfris_jax.evaluate import evaluate
-    from wimfris_jax.metrics import format_table, intersection_union
-    from wimfris_jax.train.loop import train
-    from wimfris_jax.visualize import grid, save_png
-
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):

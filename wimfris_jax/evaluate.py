@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
+from data_pipeline.loader import make_loader
+from data_pipeline.preprocess import describe, preprocess_eval
 from wimfris_jax.errors import UserError
 from wimfris_jax.metrics import RefMetrics, postprocess
 
@@ -64,8 +67,6 @@ class _Head:
 
 
 def _transform(settings: Mapping[str, int], swap_sentences: bool, source: Any) -> Callable:
-    from data_pipeline.preprocess import describe, preprocess_eval
-
     def transform(example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         del rng
         if swap_sentences:
@@ -100,8 +101,6 @@ def _local(variables: Any) -> Any:
 
     def one(x: Any) -> Any:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.process_allgather(x, tiled=True)
         return x
 
@@ -143,8 +142,6 @@ def evaluate(
     Returns:
       {"mIoU", "oIoU", "Prec@0.5", ..., "Prec@0.9", "n"} as fractions (n = number of expressions).
     """
-    from data_pipeline.loader import make_loader
-
     if batch_size <= 0:
         raise EvalError(f"batch_size must be positive, got {batch_size}")
     if max_examples is not None:
@@ -198,8 +195,6 @@ def _gather(counts: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(I, U) of every process (one process: unchanged)."""
     if jax.process_count() == 1:
         return counts
-    from jax.experimental import multihost_utils
-
     n = np.asarray(multihost_utils.process_allgather(np.int64(len(counts))))
     rows = np.zeros((int(n.max()), 2), np.int64)
     rows[: len(counts)] = np.asarray(counts, np.int64).reshape(-1, 2)

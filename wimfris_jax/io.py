@@ -68,6 +68,19 @@ def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> 
     raise OutputError(f"{what} {path} cannot be written ({why})")
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = UserError) -> dict[str, Any]:
+    """The JSON object in the file ``path``; ``error`` with one line naming the file when it is not valid JSON
+    or holds something else than an object."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
 def save_params(path: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
     """Writes ``params`` (nested dict of arrays) and ``meta`` (JSON-serialisable) to ``path`` atomically."""
     tree = {"params": _to_numpy(params), "meta": json.dumps(dict(meta or {}), sort_keys=True)}

@@ -34,6 +34,14 @@ BN_MOMENTUM = 0.9  # flax convention: new = momentum * old + (1 - momentum) * ba
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # PyTorch's default Linear / Conv weight init: kaiming_uniform(a=sqrt(5)) = uniform(+-1/sqrt(fan_in)).
 torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# timm / DINOv2 ``init_weights_vit_timm``: trunc_normal_(std=0.02), which PyTorch truncates at +-2 *absolute*
+# (= +-100 std), i.e. effectively a plain N(0, 0.02^2); flax's bounds are in std units (default +-2 std, which
+# would shrink the std to 0.88 * 0.02). DETRIS applies it to every nn.Linear inside its DINOv2 ViT, adapters
+# included (docs/detris_code.md "Initialisation of the adapters").
+vit_trunc_normal = nn.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+# PyTorch's xavier_uniform_ (gain 1): uniform, var = 2 / (fan_in + fan_out); e.g. nn.MultiheadAttention's separate
+# q/k/v projection weights when kdim != embed_dim.
+xavier_uniform = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
 def uniform(bound: float) -> Initializer:

@@ -35,6 +35,8 @@ import numpy as np
 from wimfris_jax.config import load_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, load_params, unflatten
+from wimfris_jax.model import build_model
+from wimfris_jax.train.state import init_variables
 
 MAX_LISTED = 40  # problems listed one per line before the rest is counted
 
@@ -57,7 +59,6 @@ class CheckpointFallbackWarning(UserWarning):
 
 def _config(config: Any) -> tuple[Any, str]:
     if isinstance(config, (str, os.PathLike)):
-
         return load_config(os.fspath(config)), os.fspath(config)
     return config, "the given config"
 
@@ -109,7 +110,8 @@ def read_checkpoint(checkpoint: str | os.PathLike, which: str | int = "auto") ->
     docstring); ``which``: "auto", "best", "latest" or a step number (run directories only). Never writes."""
     path = os.fspath(checkpoint)
     if os.path.isdir(path):
-        from wimfris_jax.train.checkpoint import load_variables  # orbax: only for run directories
+        # Lazy: orbax and grain (~0.7 s) only for run directories, and train.checkpoint imports this module's errors.
+        from wimfris_jax.train.checkpoint import load_variables
 
         variables, step = load_variables(path, which)
         return variables, {"step": step, "which": which}
@@ -141,8 +143,6 @@ def load_model(
       CheckpointError (a ValueError): a damaged checkpoint (and no intact one to fall back to), a directory that
         is not a run, an unfinished save, a file that is not a parameter file.
     """
-    from wimfris_jax.model import build_model
-
     cfg, config_name = _config(config)
     model_config = cfg.model if hasattr(cfg, "model") else cfg
     model = build_model(model_config).clone(logits_only=True)
@@ -163,8 +163,6 @@ def pretrained_init_fn(model: Any, config: Any, inits: dict[str, str]) -> Any:
     """``rng -> variables`` for training (``wimfris train --init PREFIX=FILE``): random init with the ``inits``
     subtrees (``{"text_encoder": "clip_b16.msgpack"}``: converted files or run directories) replaced by their
     loaded params, each checked against the model first (:class:`CheckpointMismatch`)."""
-    from wimfris_jax.train.state import init_variables  # optax and the sharding code: only for training
-
     want = flatten(expected_variables(model, config.model)["params"])
     loaded = {}
     for prefix, path in inits.items():

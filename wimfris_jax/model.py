@@ -1,21 +1,23 @@
 """The WIMFRIS network (Fig. 2a): frozen CLIP text + DINOv2 encoders tuned by MTA / MSA, HMF neck, DETRIS head;
-and DETRIS itself as a configuration of the same parts (``adapter_kind="detris"``, ``neck.kind="detris"``).
+and DETRIS itself as a configuration of the same parts (adapter kinds "dmoc" / "dense_aligner", ``neck.kind="detris"``).
 
-    ids (B, L) --CLIP text tower, MTA beside the MLP of layers mta_layers (scale 0.2)--> words (B, L, Ct),
-                 sentence feature state (B, C) = text_embeds
-    images (B, S, S, 3) --DINOv2, MSA beside the MLP of layers msa_layers (alpha_i)--> 3 maps (B, h, w, Cv):
+    ids (B, L) --CLIP text tower, text adapter (MTA) beside the MLP of text_adapter.layers (x scale 0.2)-->
+                 words (B, L, Ct), sentence feature state (B, C) = text_embeds
+    images (B, S, S, 3) --DINOv2, vision adapter (MSA, alpha_i) beside the MLP of vision_adapter.layers-->
+                 3 maps (B, h, w, Cv):
                  blocks neck_taps (pre-norm, 0-based block indices: hidden_states[t + 1]) and the last
                  block after the final norm, prefix tokens dropped
     neck (HMF: aggregate + WMF, or an ablation) --> (B, h, w, C) [+ window logits (B, n_win)]
     decoder (words, pad_mask = ids == 0) --> projector (state) --> mask logits (B, 4h, 4w)
 
-Text runs first (all blocks), its final word features go to every MSA (DETRIS's order). Top-level parameter
-names: "text_encoder", "image_encoder" (frozen), "mta_<i>", "msa_<i>" (i = backbone layer; DETRIS:
-"text_adapter_<i>", "dense_aligner_<i>"), "neck", "decoder", "projector". ``train`` switches dropout (needs
-the "dropout" rng) and BatchNorm batch statistics (``mutable=["batch_stats"]``).
+Text runs first (all blocks), its final word features go to every vision adapter (DETRIS's order). Adapters
+follow one schema and protocol (:mod:`wimfris_jax.adapters`): a new kind is a row of ``ADAPTERS``, not a branch
+here. Top-level parameter names: "text_encoder", "image_encoder" (frozen), "<prefix>_<i>" for the adapters
+(i = backbone layer; "mta", "msa", DETRIS's "text_adapter", "dense_aligner"), "neck", "decoder", "projector".
+``train`` switches dropout (needs the "dropout" rng) and BatchNorm batch statistics (``mutable=["batch_stats"]``).
 
-Outputs: "logits" (B, 4h, 4w); "window_logits" (B, n_win) when the WMF partitions the map; "alphas" (n_msa,)
-the emphasis values of the MSA layers (when MSA is on); "state" (B, C) the sentence feature.
+Outputs: "logits" (B, 4h, 4w); "window_logits" (B, n_win) when the WMF partitions the map; "alphas" (n,)
+the emphasis values of the vision adapters that have one (MSA); "state" (B, C) the sentence feature.
 
 :func:`build_model` reads ``config.model`` (configs/common.py documents every key); :func:`loss_fn` is WIMFRIS
 eq. (10) for that model.
@@ -23,38 +25,37 @@ eq. (10) for that model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.adapters.detris import DenseAligner, TextAdapter
-from wimfris_jax.adapters.msa import MultiScaleAligner
-from wimfris_jax.adapters.mta import MambaTextAdapter
+from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
+from wimfris_jax.config import ConfigError
 from wimfris_jax.decoder import Decoder, Projector
 from wimfris_jax.layers import resolve_remat
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
-from wimfris_jax.neck.wmf import normalize_window, resolve_window
+from wimfris_jax.neck.wmf import normalize_window
 
-# adapter_kind -> (text adapter name prefix, vision adapter name prefix)
-ADAPTER_NAMES = {"wimfris": ("mta", "msa"), "detris": ("text_adapter", "dense_aligner")}
+# config.model keys of the schema before text_adapter / vision_adapter (wimfris_jax.config.upgrade_model_config)
+LEGACY_KEYS = ("adapter_kind", "use_mta", "use_msa", "mta_layers", "msa_layers", "mta_scale", "mta", "msa")
 
 
 class Wimfris(nn.Module):
-    """WIMFRIS, or DETRIS with ``adapter_kind="detris"``. Build it with :func:`build_model`.
+    """WIMFRIS, or DETRIS with the "dmoc" / "dense_aligner" adapters and DETRIS neck. Built by :func:`build_model`.
 
     Attributes:
       text_encoder: ClipText; image_encoder: DinoV2 (fields patch_size, num_registers, depth are read).
       neck, decoder, projector: the neck (see :mod:`wimfris_jax.neck.hmf`), Decoder, Projector.
       neck_taps: 0-based DINOv2 blocks whose (pre-norm) outputs feed the neck beside the final output.
-      adapter_kind: "wimfris" (MTA ``mta_<i>`` + MSA ``msa_<i>``) or "detris" (D-MoC text adapter
-        ``text_adapter_<i>`` + Dense Aligner ``dense_aligner_<i>``).
+      text_kind / vision_kind: adapter kinds (keys of :data:`wimfris_jax.adapters.ADAPTERS`, or "none").
       text_layers / vision_layers: 0-based backbone layers carrying an adapter (empty: adapter off).
       text_kwargs / vision_kwargs: keyword arguments of the adapter modules (width excluded).
       text_scale: fixed scale of the text adapter's output (0.2, both models).
@@ -68,41 +69,21 @@ class Wimfris(nn.Module):
     decoder: nn.Module
     projector: nn.Module
     neck_taps: tuple[int, ...] = (4, 8)
-    adapter_kind: str = "wimfris"
+    text_kind: str = "mta"
     text_layers: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
     text_kwargs: Mapping[str, Any] | None = None
     text_scale: float = 0.2
+    vision_kind: str = "msa"
     vision_layers: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
     vision_kwargs: Mapping[str, Any] | None = None
     logits_only: bool = False
 
-    def _adapters(self, train: bool) -> tuple[dict[int, Callable], Callable, dict[int, nn.Module]]:
-        """Creates the adapters: ({layer: text adapter callable}, a factory (words, pad_mask, grid, num_prefix)
-        -> {layer: vision adapter callable}, {layer: vision adapter module})."""
-        text_name, vision_name = ADAPTER_NAMES[self.adapter_kind]
-        tkw, vkw = dict(self.text_kwargs or {}), dict(self.vision_kwargs or {})
-        width_t, width_v = self.text_encoder.width, self.image_encoder.width
-        if self.adapter_kind == "wimfris":
-            text_mods = {i: MambaTextAdapter(width=width_t, name=f"{text_name}_{i}", **tkw) for i in self.text_layers}
-            text = {i: (lambda x, m=m: self.text_scale * m(x)) for i, m in text_mods.items()}
-            vis_mods = {
-                i: MultiScaleAligner(width=width_v, name=f"{vision_name}_{i}", **vkw) for i in self.vision_layers
-            }
-
-            def vision(words, pad_mask, grid, num_prefix):
-                kw = dict(words=words, pad_mask=pad_mask, grid=grid, num_prefix=num_prefix, deterministic=not train)
-                return {i: functools.partial(m, **kw) for i, m in vis_mods.items()}
-
-        else:
-            text_mods = {i: TextAdapter(width=width_t, name=f"{text_name}_{i}", **tkw) for i in self.text_layers}
-            text = {i: (lambda x, m=m: self.text_scale * m(x, train=train)) for i, m in text_mods.items()}
-            vis_mods = {i: DenseAligner(width=width_v, name=f"{vision_name}_{i}", **vkw) for i in self.vision_layers}
-
-            def vision(words, pad_mask, grid, num_prefix):
-                kw = dict(grid=grid, num_prefix=num_prefix, train=train)
-                return {i: (lambda x, m=m: m(x, words, **kw)) for i, m in vis_mods.items()}
-
-        return text, vision, vis_mods
+    def _adapter_modules(self, kind: str, layers: tuple[int, ...], kwargs: Any, width: int) -> dict[int, nn.Module]:
+        """{layer: adapter module} of one side (empty when ``kind`` is "none")."""
+        if kind == "none":
+            return {}
+        a = ADAPTERS[kind]
+        return {i: a.module(width=width, name=f"{a.prefix}_{i}", **dict(kwargs or {})) for i in layers}
 
     @nn.compact
     def __call__(
@@ -114,17 +95,21 @@ class Wimfris(nn.Module):
         train = bool(train)
         if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
             raise ValueError(f"Wimfris expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
-        if self.adapter_kind not in ADAPTER_NAMES:
-            raise ValueError(f"adapter_kind={self.adapter_kind!r}: choose one of {sorted(ADAPTER_NAMES)}")
         pad_mask = ids == 0
-        text_adapters, vision_adapters, vis_mods = self._adapters(train)
+        text_mods = self._adapter_modules(self.text_kind, self.text_layers, self.text_kwargs, self.text_encoder.width)
+        text_adapters = {i: (lambda x, m=m: self.text_scale * m(x, train=train)) for i, m in text_mods.items()}
         text = self.text_encoder(ids, adapters=text_adapters)
         words, state = text["last_hidden_state"], text["text_embeds"]
 
         p = self.image_encoder.patch_size
         grid = (images.shape[1] // p, images.shape[2] // p)
         num_prefix = 1 + self.image_encoder.num_registers
-        vis = self.image_encoder(images, adapters=vision_adapters(words, pad_mask, grid, num_prefix))
+        vis_mods = self._adapter_modules(
+            self.vision_kind, self.vision_layers, self.vision_kwargs, self.image_encoder.width
+        )
+        context = dict(words=words, pad_mask=pad_mask, grid=grid, num_prefix=num_prefix, train=train)
+        vision_adapters = {i: functools.partial(m, **context) for i, m in vis_mods.items()}
+        vis = self.image_encoder(images, adapters=vision_adapters)
         hidden = vis["hidden_states"]
         tokens = [hidden[t + 1] for t in self.neck_taps] + [vis["last_hidden_state"]]
         b = images.shape[0]
@@ -138,8 +123,9 @@ class Wimfris(nn.Module):
         out = {"logits": logits, "state": state}
         if window_logits is not None:
             out["window_logits"] = window_logits
-        if self.adapter_kind == "wimfris" and vis_mods:
-            out["alphas"] = jnp.stack([m.alpha() for m in vis_mods.values()])
+        alphas = [m.alpha() for m in vis_mods.values() if hasattr(m, "alpha")]
+        if alphas:
+            out["alphas"] = jnp.stack(alphas)
         return out
 
 
@@ -166,47 +152,73 @@ def _attention(cfg: Any) -> str:
 
 
 def _check(cfg: Any, text: nn.Module, vision: nn.Module, text_layers: tuple, vision_layers: tuple) -> None:
-    depth_t, depth_v = text.depth, vision.depth
-    keys = (
-        ("mta_layers", "msa_layers")
-        if cfg.get("adapter_kind", "wimfris") == "wimfris"
-        else ("text_adapter.layers", "vision_adapter.layers")
-    )
-    for key, layers, depth in ((keys[0], text_layers, depth_t), (keys[1], vision_layers, depth_v)):
+    for side, layers, depth in (("text", text_layers, text.depth), ("vision", vision_layers, vision.depth)):
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
-            raise ValueError(f"config.model.{key}: layers {bad} outside the backbone's 0..{depth - 1}")
+            raise ConfigError(f"config.model.{side}_adapter.layers: {bad} outside the backbone's 0..{depth - 1}")
+    depth_v = vision.depth
     bad = [t for t in cfg.neck_taps if not 0 <= t < depth_v]
     if bad:
-        raise ValueError(f"config.model.neck_taps: blocks {bad} outside 0..{depth_v - 1}")
+        raise ConfigError(f"config.model.neck_taps: blocks {bad} outside 0..{depth_v - 1}")
     dim, proj = cfg.neck.dim, text.proj_dim
     if cfg.decoder.d_model != dim or proj != dim or text.width != dim:
-        raise ValueError(
+        raise ConfigError(
             f"widths disagree: neck.dim={dim}, decoder.d_model={cfg.decoder.d_model}, text width={text.width}, "
             f"text proj_dim={proj}; the model needs them equal (512): the decoder attends to the word features and "
             "the WMF class token / projector kernel come from the sentence feature"
         )
     if cfg.neck.kind not in NECKS:
-        raise ValueError(f"config.model.neck.kind={cfg.neck.kind!r}: choose one of {NECKS}")
+        raise ConfigError(f"config.model.neck.kind={cfg.neck.kind!r}: choose one of {NECKS}")
 
 
-def _adapter_config(cfg: Any, text_width: int, dtype: Any) -> tuple[tuple, dict, float, tuple, dict]:
-    """(text layers, text kwargs, text scale, vision layers, vision kwargs) of ``config.model``."""
-    kind = cfg.get("adapter_kind", "wimfris")
-    if kind == "wimfris":
-        mta_kwargs = {**dict(cfg.mamba), **dict(cfg.mta), "dtype": dtype}
-        msa_kwargs = {**dict(cfg.msa), "dtype": dtype, "attention": _attention(cfg)}
-        msa_kwargs["kernels"] = tuple(msa_kwargs.get("kernels", (3, 5, 7)))
-        text_layers = tuple(cfg.mta_layers) if cfg.use_mta else ()
-        vision_layers = tuple(cfg.msa_layers) if cfg.use_msa else ()
-        return text_layers, mta_kwargs, float(cfg.mta_scale), vision_layers, msa_kwargs
-    if kind == "detris":
-        t, v = dict(cfg.text_adapter), dict(cfg.vision_adapter)
-        text_layers, scale = tuple(t.pop("layers")), float(t.pop("scale"))
-        vision_layers = tuple(v.pop("layers"))
-        v.update(text_dim=text_width, dtype=dtype, attention=_attention(cfg))
-        return text_layers, {**t, "dtype": dtype}, scale, vision_layers, v
-    raise ValueError(f"config.model.adapter_kind={kind!r}: choose one of {sorted(ADAPTER_NAMES)}")
+def adapter_settings(
+    model_config: Any, side: str, text_width: int, dtype: Any = None
+) -> tuple[str, tuple[int, ...], dict[str, Any], float]:
+    """(kind, layers, module keyword arguments, scale) of ``config.model.<side>_adapter`` (side "text" | "vision");
+    kind "none" and no layers when the adapter is off. ``scale`` (text side: applied by the model) defaults to 1."""
+    cfg, key = model_config, f"{side}_adapter"
+    legacy = [k for k in LEGACY_KEYS if k in cfg]
+    if legacy:
+        raise ConfigError(
+            f"config.model uses the old adapter keys {legacy}; write text_adapter / vision_adapter with a kind "
+            "(configs/common.py), or convert it with wimfris_jax.config.upgrade_model_config"
+        )
+    spec = dict(cfg.get(key) or {"kind": "none"})
+    kind, layers = spec.pop("kind", "none"), tuple(int(i) for i in spec.pop("layers", ()))
+    scale = float(spec.pop("scale", 1.0)) if side == "text" else 1.0
+    if kind == "none" or not layers:
+        return "none", (), {}, scale
+    kinds = sorted(k for k, a in ADAPTERS.items() if a.side == side)
+    if kind not in kinds:
+        raise ConfigError(f"config.model.{key}.kind={kind!r}: choose one of {kinds + ['none']}")
+    adapter = ADAPTERS[kind]
+    fields = {f.name for f in dataclasses.fields(adapter.module)} - {"width", "parent", "name"}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ConfigError(f"config.model.{key}: {unknown} are not sizes of {kind!r}; it takes {sorted(fields)}")
+    for group in adapter.shared:
+        spec = {**{k: v for k, v in dict(cfg[group]).items() if k in fields}, **spec}
+    spec["dtype"] = dtype
+    if side == "vision":
+        spec.update(text_dim=text_width, attention=_attention(cfg))
+    return kind, layers, {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}, scale
+
+
+def model_window(model_config: Any) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(grid, window): the neck's feature grid (h, w) = image_size // patch_size, and the WMF window (wh, ww)
+    resolved from ``neck.window`` -- None when the neck has no WMF or one window covers the map without alignment
+    logits (window None / 0 / "none", Table 3a). The model and the loss both take the window from here."""
+    s, p = int(model_config.image_size), int(vision_fields(model_config).get("patch_size", DinoV2.patch_size))
+    grid = (s // p, s // p)
+    if model_config.neck.kind != "hmf":
+        return grid, None
+    window = normalize_window(model_config.neck.get("window", 4))
+    if window is None:
+        return grid, None
+    window = (window, window) if isinstance(window, int) else window
+    if grid[0] % window[0] or grid[1] % window[1]:
+        raise ConfigError(f"config.model.neck.window={window} does not tile the {grid} feature grid")
+    return grid, window
 
 
 def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> Wimfris:
@@ -215,26 +227,25 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
     ``dtype``: computation dtype of the trainable parts (None: float32); parameters stay float32.
     ``remat_mode``: rematerialisation of the backbone blocks' attention and MLP, the WMF's Mamba, the decoder
     layers and the projector's visual path,
-    "auto" | "none" | "block" | "dots" (:func:`wimfris_jax.layers.remat`; training passes ``train.remat``). Adapter
-    switches: ``use_mta`` / ``use_msa`` (Table 3b), ``msa.emphasis`` (EP), ``msa.kernels`` (Table 4),
-    ``mta_layers`` / ``msa_layers`` (Table 5), ``neck.kind`` and ``neck.window`` (Tables 1, 3a);
-    ``adapter_kind="detris"`` with ``text_adapter`` / ``vision_adapter`` builds DETRIS (configs/detris_b.py).
+    "auto" | "none" | "block" | "dots" (:func:`wimfris_jax.layers.remat`; training passes ``train.remat``).
+    Ablation switches: ``text_adapter.kind`` / ``vision_adapter.kind`` = "none" (Table 3b), ``vision_adapter``
+    ``.emphasis`` (EP) and ``.kernels`` (Table 4), ``text_adapter.layers`` / ``vision_adapter.layers`` (Table 5),
+    ``neck.kind`` and ``neck.window`` (Tables 1, 3a); DETRIS: kinds "dmoc" / "dense_aligner" (configs/detris_b.py).
     """
     cfg = model_config
     remat_mode = resolve_remat(remat_mode)
     text, vision = build_backbones(cfg, dtype, remat_mode)
-    text_layers, text_kwargs, text_scale, vision_layers, vision_kwargs = _adapter_config(cfg, text.width, dtype)
+    text_kind, text_layers, text_kwargs, text_scale = adapter_settings(cfg, "text", text.width, dtype)
+    vision_kind, vision_layers, vision_kwargs, _ = adapter_settings(cfg, "vision", text.width, dtype)
     _check(cfg, text, vision, text_layers, vision_layers)
+    grid, window = model_window(cfg)
     neck_cfg = dict(cfg.neck)
     kind, dim = neck_cfg.pop("kind"), neck_cfg.pop("dim")
+    wmf_cfg, _ = neck_cfg.pop("wmf", {}), neck_cfg.pop("window", None)
     wmf = None
     if kind == "hmf":
-        wmf = {**dict(cfg.mamba), **neck_cfg.pop("wmf", {}), "window": normalize_window(neck_cfg.pop("window", 4))}
-        wmf["remat_mode"] = remat_mode
-    else:
-        neck_cfg.pop("wmf", None)
-        neck_cfg.pop("window", None)
-    neck = build_neck(kind, dim=dim, wmf=wmf, dtype=dtype, **neck_cfg)
+        wmf = {**dict(cfg.mamba), **dict(wmf_cfg), "window": window or grid, "remat_mode": remat_mode}
+    neck = build_neck(kind, dim=dim, wmf=wmf, align=window is not None, dtype=dtype, **neck_cfg)
     return Wimfris(
         text_encoder=text,
         image_encoder=vision,
@@ -242,10 +253,11 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
         decoder=Decoder(dtype=dtype, attention=_attention(cfg), remat_mode=remat_mode, **dict(cfg.decoder)),
         projector=Projector(word_dim=text.proj_dim, in_dim=dim, dtype=dtype, remat_mode=remat_mode),
         neck_taps=tuple(cfg.neck_taps),
-        adapter_kind=cfg.get("adapter_kind", "wimfris"),
+        text_kind=text_kind,
         text_layers=text_layers,
         text_kwargs=text_kwargs,
         text_scale=text_scale,
+        vision_kind=vision_kind,
         vision_layers=vision_layers,
         vision_kwargs=vision_kwargs,
     )
@@ -253,8 +265,7 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
 
 def feature_grid(model_config: Any) -> tuple[int, int]:
     """(h, w) of the neck's feature map: image_size // patch_size."""
-    s, p = int(model_config.image_size), int(vision_fields(model_config).get("patch_size", DinoV2.patch_size))
-    return (s // p, s // p)
+    return model_window(model_config)[0]
 
 
 def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
@@ -262,7 +273,6 @@ def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.nda
 
     outputs: the model's dict; mask: (B, Hm, Wm) soft mask at the logit size. Returns (total, aux scalars).
     """
-    grid = feature_grid(model_config)
-    window = resolve_window(model_config.neck.get("window", 4), grid)
+    grid, window = model_window(model_config)
     weights = tuple(model_config.get("loss_weights", (0.5, 0.3, 0.2)))
-    return wimfris_loss(outputs, mask, grid=grid, window=window, weights=weights)
+    return wimfris_loss(outputs, mask, grid=grid, window=window or grid, weights=weights)

@@ -11,7 +11,6 @@ file); the config, when not given, is the ``config.json`` a training run writes 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,8 +18,15 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from wimfris_jax.config import load_config
+from data_pipeline.preprocess import ExampleError, inverse_letterbox_matrix, letterbox_image, load_image, normalize
+from data_pipeline.tokenizer import clean, tokenize
+from wimfris_jax.config import load_config, read_run_config
 from wimfris_jax.errors import UserError
+from wimfris_jax.evaluate import data_settings, forward_fn
+from wimfris_jax.io import ensure_writable_dir
+from wimfris_jax.load import load_model
+from wimfris_jax.metrics import postprocess
+from wimfris_jax.visualize import mask_image, overlay, save_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -53,8 +59,6 @@ def collect_images(inputs: Sequence[str]) -> list[str]:
 
 def check_sentence(text: str | None) -> str:
     """The sentence, or PredictError when it is empty after CLIP's clean-up."""
-    from data_pipeline.tokenizer import clean
-
     if text is None or not clean(text):
         raise PredictError(f"empty sentence {text!r}: give --text a description of the object to segment")
     return text
@@ -62,8 +66,6 @@ def check_sentence(text: str | None) -> str:
 
 def read_images(paths: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """``({i: uint8 RGB (H, W, 3)} of the readable files, {i: one-line message} of the others)``, by position."""
-    from data_pipeline.preprocess import ExampleError, load_image
-
     images, bad = {}, {}
     for i, p in enumerate(paths):
         try:
@@ -75,23 +77,17 @@ def read_images(paths: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, 
 
 def find_config(checkpoint: str, config: str | None = None) -> Any:
     """``config`` (a config file) if given, else the ``config.json`` of the run that wrote ``checkpoint`` (the run
-    directory, or the run of a step folder ``<run>/checkpoints/<N>``). PredictError if ``checkpoint`` is missing."""
+    directory, or the run of a step folder ``<run>/checkpoints/<N>``; a config in the schema before the adapter
+    schema is upgraded, :func:`wimfris_jax.config.read_run_config`). PredictError if ``checkpoint`` is missing."""
     if not os.path.exists(checkpoint):
         raise PredictError(f"no such checkpoint: {checkpoint}")
     if config:
-
         return load_config(config)
-    import ml_collections
-
     start = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
     for d in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
         path = os.path.join(d, "config.json")
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    return ml_collections.ConfigDict(json.load(f))
-                except json.JSONDecodeError as e:
-                    raise PredictError(f"{path} is not valid JSON: {e}") from e
+            return read_run_config(path)
     raise PredictError(f"no config.json found beside {checkpoint}; pass --config")
 
 
@@ -107,11 +103,6 @@ def predict_masks(
     progress: bool = False,
 ) -> list[np.ndarray]:
     """(H_i, W_i) bool masks of the object ``sentence`` names in each uint8 RGB image."""
-    from data_pipeline.preprocess import inverse_letterbox_matrix, letterbox_image, normalize
-    from data_pipeline.tokenizer import tokenize
-    from wimfris_jax.evaluate import forward_fn
-    from wimfris_jax.metrics import postprocess
-
     ids = tokenize(check_sentence(sentence), word_len)[0]
     forward = forward_fn(model)
     masks: list[np.ndarray] = []
@@ -169,12 +160,6 @@ def run(
             msgs[0] if len(msgs) == 1 else f"none of the {len(msgs)} images is readable: " + "; ".join(msgs)
         )
     cfg = find_config(checkpoint, config)
-
-    from wimfris_jax.evaluate import data_settings  # JAX and the model code: only once the inputs are good
-    from wimfris_jax.io import ensure_writable_dir
-    from wimfris_jax.load import load_model
-    from wimfris_jax.visualize import mask_image, overlay, save_png
-
     settings = data_settings(cfg)
     fresh = not os.path.exists(out)
     ensure_writable_dir(out, "--out")

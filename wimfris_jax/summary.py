@@ -20,6 +20,7 @@ import numpy as np
 from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
 from wimfris_jax.load import expected_variables
+from wimfris_jax.model import build_model, vision_fields
 from wimfris_jax.train.freeze import path_selected
 
 GROUPS = (
@@ -37,8 +38,6 @@ GROUPS = (
 
 def abstract_params(model_config: Any) -> dict[str, Any]:
     """The model's params as ShapeDtypeStructs (nothing allocated), for a batch of one."""
-    from wimfris_jax.model import build_model
-
     return dict(expected_variables(build_model(model_config), model_config)["params"])
 
 
@@ -60,8 +59,6 @@ def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[
 def source_only_count(model_config: Any) -> int:
     """Values of ``config.model.source_only_params``: entries of the source checkpoint (DETRIS's) that the forward
     never reads and the model does not store (DINOv2's mask_token, CLIP's logit_scale)."""
-    from wimfris_jax.model import vision_fields
-
     sizes = {"image_encoder/mask_token": int(vision_fields(model_config)["width"]), "text_encoder/logit_scale": 1}
     names = tuple(model_config.get("source_only_params", ()))
     unknown = [n for n in names if n not in sizes]
@@ -90,18 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         counts["total as in the checkpoint"] = counts["total"] + extra
     print(f"{args.config}: image {m.image_size}, words {m.word_len}, vision {dict(m.vision)}")
-    if m.get("adapter_kind", "wimfris") == "detris":
-        t, v = m.text_adapter, m.vision_adapter
-        print(
-            f"DETRIS: text adapter d={t.dim} at {tuple(t.layers)}; Dense Aligner d={v.dim} ({v.num_heads} heads) at "
-            f"{tuple(v.layers)}; neck {m.neck.kind}, C={m.neck.dim}"
-        )
-    else:
-        print(
-            f"MTA d={m.mta.dim} at {tuple(m.mta_layers) if m.use_mta else 'off'}; MSA d={m.msa.dim} "
-            f"({m.msa.num_heads} heads, kernels {tuple(m.msa.kernels)}) at "
-            f"{tuple(m.msa_layers) if m.use_msa else 'off'}; neck {m.neck.kind}, C={m.neck.dim}, window {m.neck.window}"
-        )
+    for side in ("text", "vision"):
+        spec = dict(m.get(f"{side}_adapter") or {"kind": "none"})
+        kind, layers = spec.pop("kind", "none"), tuple(spec.pop("layers", ()))
+        print(f"{side} adapter: {kind} at layers {layers if kind != 'none' and layers else 'off'}; {spec}")
+    window = f", window {m.neck.window}" if m.neck.kind == "hmf" else ""
+    print(f"neck {m.neck.kind}, C={m.neck.dim}{window}")
     print(format_table(counts))
 
 

@@ -1,5 +1,5 @@
-"""A whole DETRIS in PyTorch at any size, written from docs/detris_code.md, with the parameter names of an official
-DETRIS checkpoint (``txt_backbone.*``, ``dinov2.*``, ``neck.*``, ``decoder.*``, ``proj.*``).
+"""A whole DETRIS in PyTorch at any size, written from docs/detris_code.md ("Parity checklist"), with the parameter
+names of an official DETRIS checkpoint (``txt_backbone.*``, ``dinov2.*``, ``neck.*``, ``decoder.*``, ``proj.*``).
 
 Its ``state_dict()`` is an official-layout checkpoint of its sizes, so a tiny instance tests the whole converter
 and the model's wiring end to end: OpenAI CLIP text tower (causal mask, QuickGELU, text adapters beside the MLP

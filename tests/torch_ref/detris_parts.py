@@ -1,4 +1,5 @@
-"""PyTorch references of DETRIS's Dense Aligner, text adapter and neck, written from docs/detris_code.md.
+"""PyTorch references of DETRIS's Dense Aligner, text adapter and neck, written from docs/detris_code.md
+("Where adapters sit", "Initialisation of the adapters", "Neck that WIMFRIS replaces").
 
 Parameter names equal an official DETRIS checkpoint's (relative to ``dinov2.blocks.{i}.adapter.``,
 ``txt_backbone.transformer.resblocks.{i}.adapter.`` and ``neck.``), so their ``state_dict()`` stands in for

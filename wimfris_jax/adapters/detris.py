@@ -27,10 +27,19 @@ BatchNorm uses batch statistics when ``train`` (global over the mesh under jit w
 reduction runs over the logical batch) and running statistics otherwise; flax momentum 0.9 = PyTorch 0.1.
 No key padding mask in the cross-attention: DETRIS attends to padded word positions too.
 
-Initialisation (not needed for converted weights): the Dense Aligner follows DETRIS -- Kaiming-normal (fan_in,
-ReLU gain) kernels and zero biases for every conv/linear, the attention's fused in-projection Xavier-uniform
-(PyTorch's, over the fused (3d, d) matrix); the text adapter keeps PyTorch's defaults (uniform +-1/sqrt(fan_in)
-for kernels and biases).
+Initialisation (not needed for converted weights) is DETRIS's final one, see
+docs/detris_code.md "Initialisation of the adapters". Dense Aligner: ``DenseAligner._initialize_weights``
+(model/adapter.py) gives every Conv2d and Linear Kaiming-normal (fan_in, ReLU gain) and zero bias, but the
+DINOv2 ViT that holds it then runs ``named_apply(init_weights_vit_timm, self)``
+(model/dinov2/models/vision_transformer.py, ``init_weights``, after the blocks are built; the pretrained load
+is strict=False and has no adapter keys), which re-initialises every ``nn.Linear`` with
+trunc_normal_(std=0.02) (+-2 absolute: a plain normal) and zero bias. So: D_fc1, D_fc2, image_proj,
+text_proj, back_proj and the attention's out-projection (``out_proj`` is a NonDynamicallyQuantizableLinear,
+an nn.Linear subclass) get N(0, 0.02^2) kernels (:data:`vit_trunc_normal`) and zero biases; the
+convolutions keep Kaiming-normal / zero bias; the attention's fused in-projection (a Parameter, not an
+nn.Linear) keeps PyTorch's Xavier-uniform over the fused (3d, d) matrix, zero bias. The text adapter lives
+in CLIP, whose ``initialize_parameters`` touches only named CLIP weights: it keeps PyTorch's defaults
+(uniform +-1/sqrt(fan_in) for kernels and biases).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
-from wimfris_jax.layers import ConvBNReLU, kaiming_normal, torch_default_bias, torch_default_kernel
+from wimfris_jax.layers import ConvBNReLU, kaiming_normal, torch_default_bias, torch_default_kernel, vit_trunc_normal
 
 BN_EPS = 1e-3  # the adapters' BatchNorm (the neck/projector use 1e-5)
 
@@ -68,7 +77,7 @@ def dense_mixture(
         if torch_init:  # PyTorch's defaults (text adapter)
             fan_in = y.shape[-1] * math.prod(k)
             inits = dict(kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in))
-        else:  # DETRIS's Dense Aligner init: Kaiming normal, zero bias
+        else:  # DETRIS's Dense Aligner convs: Kaiming normal, zero bias (init_weights_vit_timm skips convs)
             inits = dict(kernel_init=kaiming_normal, bias_init=nn.initializers.zeros)
         return ConvBNReLU(width, k, use_bias=True, eps=BN_EPS, dtype=dtype, name=name, **inits)(y, train=train)
 
@@ -93,7 +102,8 @@ class CrossModalAttention(nn.Module):
     @nn.compact
     def __call__(self, img: jnp.ndarray, text: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
         def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(features, kernel_init=kaiming_normal, dtype=self.dtype, name=name)
+            # nn.Linear in DETRIS: re-initialised by init_weights_vit_timm (see the module docstring)
+            return nn.Dense(features, kernel_init=vit_trunc_normal, dtype=self.dtype, name=name)
 
         q = dense(self.embed_dim, "image_proj")(img)
         kv = dense(self.embed_dim, "text_proj")(text)
@@ -104,8 +114,8 @@ class CrossModalAttention(nn.Module):
             dropout_rate=self.dropout,  # drawn per attention weight, as PyTorch
             dtype=self.dtype,
             name="multihead_attn",
-            kernel_init=fused_xavier,
-            out_kernel_init=kaiming_normal,
+            kernel_init=fused_xavier,  # in_proj_weight: a Parameter, not re-initialised
+            out_kernel_init=vit_trunc_normal,  # out_proj: an nn.Linear subclass, re-initialised (zero bias)
         )(q, kv, kv, deterministic=deterministic)
         return dense(img.shape[-1], "back_proj")(y)
 
@@ -134,9 +144,19 @@ class DenseAligner(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jnp.ndarray, words: jnp.ndarray, *, grid: tuple[int, int], num_prefix: int, train: bool
+        self,
+        x: jnp.ndarray,
+        words: jnp.ndarray,
+        pad_mask: jnp.ndarray | None = None,
+        *,
+        grid: tuple[int, int],
+        num_prefix: int,
+        train: bool,
     ) -> jnp.ndarray:
-        """x: (B, T, width) = norm2 of the block input, T = num_prefix + h*w; words: (B, L, text_dim)."""
+        """x: (B, T, width) = norm2 of the block input, T = num_prefix + h*w; words: (B, L, text_dim).
+
+        ``pad_mask`` (B, L) is part of the vision-adapter protocol (:mod:`wimfris_jax.adapters`) and NOT used:
+        DETRIS's cross-attention attends to padded words too (docs/detris_code.md), replicated as is."""
         b, t, c = x.shape
         h, w = grid
         if c != self.width or t != num_prefix + h * w or words.shape[-1] != self.text_dim:
@@ -144,7 +164,7 @@ class DenseAligner(nn.Module):
                 f"DenseAligner(width={self.width}, text_dim={self.text_dim}) got x {x.shape} with grid {grid} and "
                 f"{num_prefix} prefix tokens, words {words.shape}"
             )
-        f = nn.relu(nn.Dense(self.dim, kernel_init=kaiming_normal, dtype=self.dtype, name="D_fc1")(x))
+        f = nn.relu(nn.Dense(self.dim, kernel_init=vit_trunc_normal, dtype=self.dtype, name="D_fc1")(x))
         xs = f[:, num_prefix:].reshape(b, h, w, self.dim)
         dense = dense_mixture(xs, ndim=2, train=train, dtype=self.dtype) + xs
         cross = CrossModalAttention(
@@ -153,7 +173,7 @@ class DenseAligner(nn.Module):
             dense.reshape(b, h * w, self.dim), words, deterministic=not train
         )
         out = jnp.concatenate([f[:, :num_prefix], cross], axis=1) + f
-        return self.scale * nn.Dense(self.width, kernel_init=kaiming_normal, dtype=self.dtype, name="D_fc2")(out)
+        return self.scale * nn.Dense(self.width, kernel_init=vit_trunc_normal, dtype=self.dtype, name="D_fc2")(out)
 
 
 class TextAdapter(nn.Module):

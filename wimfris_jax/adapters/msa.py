@@ -24,9 +24,15 @@ Decisions where the paper is silent:
 - Residual: ``x_mix + CrossAttn(x_mix)`` before Up, so the multi-scale features themselves (not only the
   attention weights they steer) reach the backbone; DETRIS likewise adds its pre-attention features back.
 - Prefix tokens skip the RFMixer (unchanged x0, as in DETRIS) but take part in the cross-attention.
-- Init as DETRIS's Dense Aligner: Kaiming-normal (fan_in, ReLU gain) kernels, zero biases, for Down, Up and
-  the depthwise convolutions; flax defaults inside the attention. Up is not zero-initialised: with a zero Up
-  the emphasis parameter would get no gradient at the first step, and DETRIS does not do it either.
+- Init as DETRIS's Dense Aligner ends up (WIMFRIS builds on DETRIS's code and the MSA sits in the same place,
+  inside the DINOv2 ViT, whose ``init_weights_vit_timm`` re-initialises every nn.Linear there;
+  docs/detris_code.md "Initialisation of the adapters"): Down, Up and the attention's output projection get
+  trunc_normal(std 0.02) kernels (:data:`wimfris_jax.layers.vit_trunc_normal`) and zero biases; the attention's
+  q/k/v projections are those of a PyTorch ``nn.MultiheadAttention(d, heads, kdim=vdim=512)`` (Parameters,
+  not nn.Linear, so not re-initialised): Xavier-uniform per matrix, zero biases; the RFMixer's depthwise
+  convolutions keep Kaiming-normal (fan_in, ReLU gain) with zero biases, as DETRIS's convs. Up is not
+  zero-initialised: with a zero Up the emphasis parameter would get no gradient at the first step, and DETRIS
+  does not do it either.
 - ``emphasis=False`` (Table 3b "EP off") replaces sigmoid(p) by the constant alpha0 (DETRIS's fixed 0.2).
 """
 
@@ -40,7 +46,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
-from wimfris_jax.layers import kaiming_normal
+from wimfris_jax.layers import kaiming_normal, vit_trunc_normal, xavier_uniform
 
 
 def logit(p: float) -> float:
@@ -89,6 +95,7 @@ class MultiScaleAligner(nn.Module):
 
     Attributes:
       width: vision width (768 for DINOv2-B).
+      text_dim: width of the word features (512), checked when given (None: any).
       dim: bottleneck width d.
       num_heads: cross-attention heads (d must be divisible by it).
       kernels: RFMixer branch kernel sizes.
@@ -100,6 +107,7 @@ class MultiScaleAligner(nn.Module):
     """
 
     width: int
+    text_dim: int | None = None
     dim: int = 48
     num_heads: int = 4
     kernels: Sequence[int] = (3, 5, 7)
@@ -112,12 +120,18 @@ class MultiScaleAligner(nn.Module):
     def setup(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"MSA dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        self.down = nn.Dense(self.dim, kernel_init=kaiming_normal, dtype=self.dtype)
+        self.down = nn.Dense(self.dim, kernel_init=vit_trunc_normal, dtype=self.dtype)
         self.rfmixer = RFMixer(tuple(self.kernels), dtype=self.dtype)
         self.cross_attn = multi_head_attention(
-            self.num_heads, self.dim, implementation=self.attention, dropout_rate=self.dropout, dtype=self.dtype
+            self.num_heads,
+            self.dim,
+            implementation=self.attention,
+            dropout_rate=self.dropout,
+            dtype=self.dtype,
+            kernel_init=xavier_uniform,  # q/k/v: PyTorch MHA's separate q/k/v_proj_weight (kdim != d)
+            out_kernel_init=vit_trunc_normal,  # out_proj: an nn.Linear, re-initialised by init_weights_vit_timm
         )
-        self.up = nn.Dense(self.width, kernel_init=kaiming_normal, dtype=self.dtype)
+        self.up = nn.Dense(self.width, kernel_init=vit_trunc_normal, dtype=self.dtype)
         if self.emphasis:
             self.emphasis_logit = self.param(
                 "emphasis_logit", nn.initializers.constant(logit(self.alpha0)), (), jnp.float32
@@ -137,7 +151,7 @@ class MultiScaleAligner(nn.Module):
         *,
         grid: tuple[int, int],
         num_prefix: int,
-        deterministic: bool,
+        train: bool = False,
     ) -> jnp.ndarray:
         """Adapter output to add beside the block's MLP.
 
@@ -147,17 +161,17 @@ class MultiScaleAligner(nn.Module):
           pad_mask: (B, L) bool, True at padding (id == 0), or None to attend to every word.
           grid: (h, w) patch grid.
           num_prefix: P = 1 + number of registers.
-          deterministic: False enables attention dropout (needs the "dropout" rng).
+          train: True enables attention dropout (needs the "dropout" rng).
 
         Returns:
           (B, T, width) = alpha * Up(x_mix + CrossAttn(x_mix, words)).
         """
         b, t, c = x.shape
         h, w = grid
-        if c != self.width or t != num_prefix + h * w:
+        if c != self.width or t != num_prefix + h * w or self.text_dim not in (None, words.shape[-1]):
             raise ValueError(
-                f"MultiScaleAligner(width={self.width}) got tokens {x.shape}; expected (B, {num_prefix} + {h}*{w}, "
-                f"{self.width})"
+                f"MultiScaleAligner(width={self.width}, text_dim={self.text_dim}) got tokens {x.shape}, words "
+                f"{words.shape}; expected (B, {num_prefix} + {h}*{w}, {self.width}) and (B, L, {self.text_dim})"
             )
         x0 = nn.relu(self.down(x))
         patches = x0[:, num_prefix:].reshape(b, h, w, self.dim)
@@ -165,6 +179,6 @@ class MultiScaleAligner(nn.Module):
         x_mix = jnp.concatenate([x0[:, :num_prefix], mixed], axis=1)
 
         attend = None if pad_mask is None else jnp.logical_not(pad_mask.astype(bool))[:, None, None, :]
-        attn = self.cross_attn(x_mix, jnp.asarray(words, x_mix.dtype), mask=attend, deterministic=deterministic)
+        attn = self.cross_attn(x_mix, jnp.asarray(words, x_mix.dtype), mask=attend, deterministic=not train)
         fused = self.up(x_mix + attn)
         return self.alpha().astype(fused.dtype) * fused

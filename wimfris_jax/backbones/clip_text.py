@@ -11,6 +11,9 @@ docs/detris_code.md ("Backbones and how they are read"):
 
 Only the causal mask is applied (DETRIS passes no padding mask; with a causal mask the padding after EOT cannot
 reach the EOT token or any word before it). QuickGELU, LayerNorm eps 1e-5.
+
+Presets (:func:`clip_text_config`): "b16", the text tower of CLIP ViT-B/16 (WIMFRIS, DETRIS) and "l14", that of
+CLIP ViT-L/14 (TFANet, ReMamber).
 """
 
 from __future__ import annotations
@@ -22,6 +25,33 @@ import jax.numpy as jnp
 
 from wimfris_jax.backbones.vit import Adapter, Adapters, Array, Mlp, cast, layer_norm, quick_gelu, self_attention
 from wimfris_jax.layers import remat
+
+# name -> (width, depth, heads, proj_dim); all: vocabulary 49408, 77 positions, MLP ratio 4, LayerNorm eps 1e-5.
+# OpenAI's clip/model.py: heads = transformer_width // 64 (the checkpoints do not store it).
+_SIZES = {
+    "b16": (512, 12, 8, 512),  # ViT-B/16 (the same text tower as ViT-B/32)
+    "l14": (768, 12, 12, 768),  # ViT-L/14 (the same text tower as ViT-L/14@336px)
+}
+CLIP_TEXT_PRESETS = tuple(_SIZES)
+
+
+def clip_text_config(name: str) -> dict[str, Any]:
+    """:class:`ClipText` fields of an OpenAI CLIP text tower: "b16" (ViT-B/16) or "l14" (ViT-L/14); the same
+    fields the converter infers from such a checkpoint (``port_weights.clip``), so ``ClipText(**clip_text_config(
+    name))`` takes its converted params."""
+    if name not in _SIZES:
+        raise ValueError(f"unknown CLIP text preset {name!r}; choose from {sorted(_SIZES)}")
+    width, depth, heads, proj = _SIZES[name]
+    return dict(
+        vocab_size=49408,
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        context_length=77,
+        proj_dim=proj,
+        ln_eps=1e-5,
+        mlp_ratio=4.0,
+    )
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -49,7 +79,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class ClipText(nn.Module):
-    """CLIP text tower with per-block adapters.
+    """CLIP text tower with per-block adapters; the defaults are the ViT-B/16 tower, ``ClipText(**clip_text_config(
+    "l14"))`` builds the ViT-L/14 one.
 
     Attributes:
       vocab_size: BPE vocabulary (49408 for OpenAI CLIP).

@@ -10,8 +10,9 @@ resampling (see :func:`interpolate_pos_embed`).
     out:     hidden_states = (tokens, block_0(...), ..., block_{depth-1}(...)); last_hidden_state = norm(last)
 
 The adapter seam is DETRIS's vision-adapter placement (docs/detris_code.md "Where adapters sit"); WIMFRIS's MSA
-(eq. 2-3) plugs in there. The backbone knows nothing about the adapter: it is any callable (B, T, C) -> (B, T, C),
-typically a bound submodule of the parent model, so its parameters live in the parent's scope.
+(eq. 2-3) plugs in there, and the config picks which adapter (docs/ARCHITECTURE.md "Adapter schema"). The backbone
+knows nothing about the adapter: it is any callable (B, T, C) -> (B, T, C), typically a bound submodule of the
+parent model, so its parameters live in the parent's scope.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.layers import ConvBNReLU
-from wimfris_jax.neck.wmf import WindowMambaFuser, normalize_window
+from wimfris_jax.neck.detris import DetrisNeck
+from wimfris_jax.neck.wmf import WindowMambaFuser
 
 NECKS = ("hmf", "aggregate", "none", "detris")
 
@@ -38,13 +39,16 @@ class HMF(nn.Module):
     Attributes:
       dim: output width C (512 = the decoder's width; must equal the sentence feature's width).
       use_wmf: False gives the "aggregate" ablation.
-      wmf: keyword arguments of :class:`WindowMambaFuser` (window, gate_heads, d_state, ...).
+      wmf: keyword arguments of :class:`WindowMambaFuser` (window, gate_heads, d_state, ...); the model passes
+        the window resolved once (:func:`wimfris_jax.model.model_window`).
+      align: return the WMF's window logits (False: one window over the map, no alignment target, Table 3a).
       dtype: computation dtype.
     """
 
     dim: int = 512
     use_wmf: bool = True
     wmf: Any = None
+    align: bool = True
     dtype: Any = None
 
     @nn.compact
@@ -58,9 +62,8 @@ class HMF(nn.Module):
         x = ConvBNReLU(self.dim, dtype=self.dtype, name="aggregate")(jnp.concatenate(maps, axis=-1), train=train)
         if not self.use_wmf:
             return x, None
-        kw = dict(self.wmf or {})
-        out, logits = WindowMambaFuser(dtype=self.dtype, name="wmf", **kw)(x, state)
-        return out, (None if normalize_window(kw.get("window", 4)) is None else logits)
+        out, logits = WindowMambaFuser(dtype=self.dtype, name="wmf", **dict(self.wmf or {}))(x, state)
+        return out, (logits if self.align else None)
 
 
 class NoNeck(nn.Module):
@@ -74,16 +77,17 @@ class NoNeck(nn.Module):
         return ConvBNReLU(self.dim, dtype=self.dtype, name="proj")(maps[-1], train=train), None
 
 
-def build_neck(kind: str, *, dim: int, wmf: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Module:
-    """The neck module for ``kind`` in :data:`NECKS` (unbound; the model names it "neck")."""
+def build_neck(
+    kind: str, *, dim: int, wmf: Any = None, align: bool = True, dtype: Any = None, **kwargs: Any
+) -> nn.Module:
+    """The neck module for ``kind`` in :data:`NECKS` (unbound; the model names it "neck"); ``wmf`` and ``align``
+    are the HMF's (see :class:`HMF`)."""
     if kind == "hmf":
-        return HMF(dim=dim, use_wmf=True, wmf=wmf, dtype=dtype)
+        return HMF(dim=dim, use_wmf=True, wmf=wmf, align=align, dtype=dtype)
     if kind == "aggregate":
         return HMF(dim=dim, use_wmf=False, dtype=dtype)
     if kind == "none":
         return NoNeck(dim=dim, dtype=dtype)
     if kind == "detris":
-        from wimfris_jax.neck.detris import DetrisNeck
-
         return DetrisNeck(dim=dim, dtype=dtype, **kwargs)
     raise ValueError(f"unknown neck {kind!r}; choose one of {NECKS}")

@@ -33,7 +33,10 @@ import jax
 import numpy as np
 import tqdm
 
+from data_pipeline.loader import make_loader as grain_loader
+from data_pipeline.preprocess import preprocess_train
 from data_pipeline.sources import build_source
+from wimfris_jax import model as model_lib
 from wimfris_jax.errors import UserError
 from wimfris_jax.train import sharding
 from wimfris_jax.train.checkpoint import Checkpoints
@@ -73,15 +76,13 @@ def train(
     """
     tc = config.train
     workdir = os.path.abspath(os.fspath(workdir))
-    if model is None or loss_fn is None:
-        from wimfris_jax import model as model_lib
-
-        model = model if model is not None else model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
-        loss_fn = loss_fn if loss_fn is not None else functools.partial(model_lib.loss_fn, config.model)
+    if model is None:
+        model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
+    if loss_fn is None:
+        loss_fn = functools.partial(model_lib.loss_fn, config.model)
     source = train_source if train_source is not None else build_source(config.data, "train")
     transform = transform if transform is not None else default_train_transform(config.data)
-    if make_loader is None:
-        from data_pipeline.loader import make_loader
+    make_loader = make_loader if make_loader is not None else grain_loader
     mesh = mesh if mesh is not None else sharding.make_mesh()
 
     gbs = int(tc.global_batch_size)
@@ -243,8 +244,6 @@ class _SigintFlag:
 
 def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np.random.Generator], dict]:
     """DETRIS training preprocessing (letterbox, CLIP normalisation, tokenisation, soft mask) from config.data."""
-    from data_pipeline.preprocess import preprocess_train
-
     kwargs = dict(
         image_size=int(data_config.image_size),
         word_len=int(data_config.word_len),

@@ -1,4 +1,5 @@
-"""Writes a tiny fake RefCOCO / RefCOCO+ / G-Ref in the real file layouts, for tests and docs.
+"""Writes a tiny fake RefCOCO / RefCOCO+ / G-Ref in the real file layouts, for the tests (``from fake_refcoco import
+write_fake_refcoco``: pytest puts tests/ on the path, as for tests/toy_model.py).
 
 Layout (the `lichengunc/refer` one, read by `data_pipeline.refer.ReferSource`):
 
