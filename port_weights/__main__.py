@@ -28,6 +28,7 @@ FAMILIES = {
     "dinov2": "port_weights.dinov2",
     "clip": "port_weights.clip",
     "mamba": "port_weights.mamba",
+    "vmamba": "port_weights.vmamba",
     "detris": "port_weights.detris",
 }
 

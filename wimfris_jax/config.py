@@ -11,7 +11,7 @@ import inspect
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -80,6 +80,14 @@ def load_config(path: str) -> Any:
         return get_config(arg)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def expand_preset(group: Any, presets: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """A config group's module fields: its ``preset`` (if any) expanded by ``presets(name)``, then the group's
+    explicit fields on top (``vision=dict(preset="b14_reg4", pos_grid=16)``)."""
+    fields = dict(group)
+    preset = fields.pop("preset", None)
+    return {**presets(preset), **fields} if preset is not None else fields
 
 
 def upgrade_model_config(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

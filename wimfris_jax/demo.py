@@ -41,7 +41,7 @@ from configs import demo as demo_configs
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.sources import build_source
 from wimfris_jax import model as model_lib
-from wimfris_jax.config import apply_overrides
+from wimfris_jax.config import apply_overrides, load_config
 from wimfris_jax.evaluate import data_settings, evaluate, forward_fn
 from wimfris_jax.metrics import format_table, intersection_union, postprocess
 from wimfris_jax.train.loop import train
@@ -51,9 +51,11 @@ GRID_EXAMPLES = 8
 SAMPLES = 4
 
 
-def demo_config(quick: bool = False) -> Any:
-    """configs/demo.py's ``get_config(quick)`` (imported from the installed ``configs`` package)."""
-    return demo_configs.get_config(quick)
+def demo_config(quick: bool = False, config: str | None = None) -> Any:
+    """``get_config`` of configs/demo.py (the installed ``configs`` package) or of the config file ``config`` (e.g.
+    configs/tfanet_tiny.py), with the argument "quick" for the smoke run."""
+    path = config or demo_configs.__file__
+    return load_config(f"{path}:quick" if quick else path)
 
 
 def _predict_examples(
@@ -76,18 +78,22 @@ def _predict_examples(
     return masks
 
 
-def run_demo(workdir: str = "wimfris_demo", *, quick: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Trains, evaluates and draws (module docstring); returns the figures written to demo_results.json."""
+def run_demo(
+    workdir: str = "wimfris_demo", *, quick: bool = False, overrides: Sequence[str] = (), config: str | None = None
+) -> dict[str, Any]:
+    """Trains, evaluates and draws (module docstring); returns the figures written to demo_results.json.
+    ``config``: another model's demo config (default configs/demo.py, WIMFRIS)."""
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds a run; pass --workdir NEW_DIR or remove it")
-    config = apply_overrides(demo_config(quick), overrides)
+    config = apply_overrides(demo_config(quick, config), overrides)
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     val = build_source(config.data, "val")
     eval_bs = int(tc.eval_batch_size)
-    print(f"WIMFRIS demo{' (quick)' if quick else ''}: {tc.epochs * tc.steps_per_epoch} steps of batch "
+    family = config.model.get("family", "wimfris").upper()
+    print(f"{family} demo{' (quick)' if quick else ''}: {tc.epochs * tc.steps_per_epoch} steps of batch "
           f"{tc.global_batch_size} on {len(jax.devices())} x {jax.devices()[0].device_kind}, "
           f"{config.data.image_size}px synthetic shapes; validation: {len(val)} expressions", flush=True)  # fmt: skip
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -37,12 +37,13 @@ from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
-from wimfris_jax.config import ConfigError
+from wimfris_jax.config import ConfigError, expand_preset
 from wimfris_jax.decoder import Decoder, Projector
 from wimfris_jax.layers import resolve_remat
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window
+from wimfris_jax.tfanet.model import build_tfanet, tfanet_loss_fn
 
 # config.model keys of the schema before text_adapter / vision_adapter (wimfris_jax.config.upgrade_model_config)
 LEGACY_KEYS = ("adapter_kind", "use_mta", "use_msa", "mta_layers", "msa_layers", "mta_scale", "mta", "msa")
@@ -132,9 +133,7 @@ class Wimfris(nn.Module):
 def vision_fields(model_config: Any) -> dict[str, Any]:
     """:class:`DinoV2` fields of ``config.model.vision``: a ``preset`` expanded (:func:`dinov2_config`), then the
     explicit fields on top."""
-    fields = dict(model_config.vision)
-    preset = fields.pop("preset", None)
-    return {**dinov2_config(preset), **fields} if preset is not None else fields
+    return expand_preset(model_config.vision, dinov2_config)
 
 
 def build_backbones(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> tuple[ClipText, DinoV2]:
@@ -221,7 +220,17 @@ def model_window(model_config: Any) -> tuple[tuple[int, int], tuple[int, int] | 
     return grid, window
 
 
-def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> Wimfris:
+def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> nn.Module:
+    """The model of ``config.model``: its ``family`` (default "wimfris") picks the builder in :data:`FAMILIES`."""
+    return _family(model_config)[0](model_config, dtype=dtype, remat_mode=resolve_remat(remat_mode))
+
+
+def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+    """The training loss of ``config.model``'s family: (scalar, aux scalars); mask (B, Hm, Wm) at the logit size."""
+    return _family(model_config)[1](model_config, outputs, mask)
+
+
+def build_wimfris(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> Wimfris:
     """The Wimfris module for ``config.model`` (an ml_collections ConfigDict or a mapping with the same keys).
 
     ``dtype``: computation dtype of the trainable parts (None: float32); parameters stay float32.
@@ -268,7 +277,9 @@ def feature_grid(model_config: Any) -> tuple[int, int]:
     return model_window(model_config)[0]
 
 
-def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+def wimfris_loss_fn(
+    model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray
+) -> tuple[jnp.ndarray, dict]:
     """WIMFRIS eq. (10): 0.5 contrastive + 0.3 dice + 0.2 window alignment (weights: ``loss_weights``).
 
     outputs: the model's dict; mask: (B, Hm, Wm) soft mask at the logit size. Returns (total, aux scalars).
@@ -276,3 +287,18 @@ def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.nda
     grid, window = model_window(model_config)
     weights = tuple(model_config.get("loss_weights", (0.5, 0.3, 0.2)))
     return wimfris_loss(outputs, mask, grid=grid, window=window or grid, weights=weights)
+
+
+# config.model.family -> (builder, loss): every family trains, evaluates and predicts through the same commands.
+FAMILIES: dict[str, tuple[Callable[..., nn.Module], Callable[..., tuple]]] = {
+    "wimfris": (build_wimfris, wimfris_loss_fn),  # WIMFRIS and DETRIS (adapter kinds, neck kind)
+    "tfanet": (build_tfanet, tfanet_loss_fn),
+}
+
+
+def _family(model_config: Any) -> tuple[Callable[..., nn.Module], Callable[..., tuple]]:
+    family = model_config.get("family", "wimfris")
+    if family not in FAMILIES:
+        raise ConfigError(f"config.model.family={family!r}: choose one of {sorted(FAMILIES)}")
+    return FAMILIES[family]
+

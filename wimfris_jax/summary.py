@@ -24,12 +24,13 @@ from wimfris_jax.model import build_model, vision_fields
 from wimfris_jax.train.freeze import path_selected
 
 GROUPS = (
-    ("text backbone (frozen)", "text_encoder"),
-    ("vision backbone (frozen)", "image_encoder"),
+    ("text backbone", "text_encoder"),
+    ("vision backbone", "image_encoder"),
     ("MTA", "mta_"),
     ("MSA", "msa_"),
     ("text adapter (D-MoC)", "text_adapter_"),
     ("Dense Aligner", "dense_aligner_"),
+    ("alignment units (TFANet)", "level_"),
     ("neck", "neck"),
     ("decoder", "decoder"),
     ("projector", "projector"),
@@ -43,14 +44,13 @@ def abstract_params(model_config: Any) -> dict[str, Any]:
 
 def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[str, int]:
     """Counts per group of :data:`GROUPS` (groups the model lacks are left out), plus "PET (adapters)" (the
-    backbone adapters, Table 3b's "Params"), "trainable" and "total"."""
+    backbone adapters, Table 3b's "Params"; models with adapters only), "trainable" and "total"."""
     flat = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
     counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in GROUPS}
-    detris = counts["text adapter (D-MoC)"] + counts["Dense Aligner"] > 0
-    drop = ("MTA", "MSA") if detris else ("text adapter (D-MoC)", "Dense Aligner")
-    counts = {name: n for name, n in counts.items() if name not in drop}
+    counts = {name: n for name, n in counts.items() if n}
     adapters = [n for name, n in counts.items() if name in ("MTA", "MSA", "text adapter (D-MoC)", "Dense Aligner")]
-    counts["PET (adapters)"] = sum(adapters)
+    if adapters:
+        counts["PET (adapters)"] = sum(adapters)
     counts["trainable"] = sum(n for k, n in flat.items() if path_selected(k, trainable))
     counts["total"] = sum(flat.values())
     return counts
@@ -59,8 +59,10 @@ def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[
 def source_only_count(model_config: Any) -> int:
     """Values of ``config.model.source_only_params``: entries of the source checkpoint (DETRIS's) that the forward
     never reads and the model does not store (DINOv2's mask_token, CLIP's logit_scale)."""
-    sizes = {"image_encoder/mask_token": int(vision_fields(model_config)["width"]), "text_encoder/logit_scale": 1}
     names = tuple(model_config.get("source_only_params", ()))
+    if not names:
+        return 0
+    sizes = {"image_encoder/mask_token": int(vision_fields(model_config)["width"]), "text_encoder/logit_scale": 1}
     unknown = [n for n in names if n not in sizes]
     if unknown:
         raise ValueError(f"config.model.source_only_params: unknown entries {unknown}; known: {sorted(sizes)}")
@@ -88,12 +90,19 @@ def main(argv: list[str] | None = None) -> None:
         counts["total as in the checkpoint"] = counts["total"] + extra
     print(f"{args.config}: image {m.image_size}, words {m.word_len}, vision {dict(m.vision)}")
     for side in ("text", "vision"):
-        spec = dict(m.get(f"{side}_adapter") or {"kind": "none"})
-        kind, layers = spec.pop("kind", "none"), tuple(spec.pop("layers", ()))
-        print(f"{side} adapter: {kind} at layers {layers if kind != 'none' and layers else 'off'}; {spec}")
-    window = f", window {m.neck.window}" if m.neck.kind == "hmf" else ""
-    print(f"neck {m.neck.kind}, C={m.neck.dim}{window}")
+        if f"{side}_adapter" in m:
+            spec = dict(m[f"{side}_adapter"])
+            kind, layers = spec.pop("kind", "none"), tuple(spec.pop("layers", ()))
+            print(f"{side} adapter: {kind} at layers {layers if kind != 'none' and layers else 'off'}; {spec}")
+    if "neck" in m:
+        window = f", window {m.neck.window}" if m.neck.kind == "hmf" else ""
+        print(f"neck {m.neck.kind}, C={m.neck.dim}{window}")
+    if "level" in m:
+        print(f"alignment units: {m.level.to_dict()}; decoder {m.decoder.to_dict()}")
     print(format_table(counts))
+    if m.get("paper_params"):
+        total = counts["total"]
+        print(f"paper: {m.paper_params / 1e6:.2f}M parameters; ours {total / 1e6:.2f}M ({total / m.paper_params:.1%})")
 
 
 if __name__ == "__main__":

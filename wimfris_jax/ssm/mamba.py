@@ -31,7 +31,7 @@ from wimfris_jax.layers import torch_default_kernel, uniform
 from wimfris_jax.ssm.scan import selective_scan
 
 
-def _dt_bias_init(dt_min: float, dt_max: float, floor: float) -> nn.initializers.Initializer:
+def dt_bias_init(dt_min: float, dt_max: float, floor: float) -> nn.initializers.Initializer:
     """Inverse softplus of dt ~ exp(U[log dt_min, log dt_max]) clamped at ``floor`` (mamba_ssm's dt init)."""
 
     def init(key, shape, dtype=jnp.float32):
@@ -137,7 +137,7 @@ class Mamba(nn.Module):
         dt, dt_bias = _DtProj(
             d_inner,
             kernel_init=uniform(rank**-0.5),
-            bias_init=_dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+            bias_init=dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="dt_proj",

@@ -26,12 +26,17 @@ def lr_schedule(lr: float, milestones: Sequence[int], decay: float, steps_per_ep
 
 
 def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)`` from ``config.train`` (lr, lr_milestones, lr_decay). Applied to trainable params only."""
+    """``(tx, schedule)`` from ``config.train`` (lr, lr_milestones, lr_decay, weight_decay). Adam (PyTorch's
+    defaults), or AdamW with decoupled ``weight_decay`` when it is > 0 (TFANet). Applied to trainable params only."""
     schedule = lr_schedule(
         float(train_config.lr),
         tuple(train_config.get("lr_milestones", ())),
         float(train_config.get("lr_decay", 0.1)),
         steps_per_epoch,
     )
-    tx = optax.adam(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8)
+    weight_decay = float(train_config.get("weight_decay", 0.0))
+    if weight_decay > 0:
+        tx = optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    else:
+        tx = optax.adam(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8)
     return tx, schedule

@@ -1,0 +1,46 @@
+r"""TFANet-B (Lu et al.): CLIP ViT-L/14 text tower + VMamba-B v2, an alignment unit (MLAM -> fusion block -> CFSM)
+after each of the four VMamba stages, WFDM decoder; 480x480, RefCOCO by default.
+
+Sizes the paper does not give follow its ancestor ReMamber where it is explicit (VMamba-B 0229, CLIP-L/14 text,
+480 px, batch 8, 50 epochs, AdamW with weight decay 1e-4) and docs/TFANET.md elsewhere (MLAM width = the stage
+width, fusion width 256, WFDM width 256, two score maps). Everything trains (ReMamber fine-tunes both towers; it
+gives them half the decoder's learning rate, here one rate for all). The learning rate decays x0.1 at epoch 25
+("decayed starting from the 25th epoch", Sec. 4.1). Loss: BCE + Dice.
+
+Run::
+
+    python -m port_weights vmamba vssm_base_0229_ckpt_epoch_237.pth vmamba_b.msgpack     # MzeroMiko/VMamba
+    python -m port_weights clip ViT-L-14.pt clip_l14.msgpack                              # OpenAI / HF CLIP-L/14
+    wimfris train --config configs/tfanet_b.py:refcoco --workdir runs/tfanet_b \
+        --init text_encoder=clip_l14.msgpack --init image_encoder=vmamba_b.msgpack
+    python -m wimfris_jax.summary --config configs/tfanet_b.py
+
+Expected (paper, Table 1): RefCOCO val / testA / testB mIoU 77.84 / 79.42 / 75.16, oIoU 76.54 / 78.24 / 72.86;
+268.46M parameters (the summary prints ours beside it).
+"""
+
+from configs import common
+
+
+def model_config(*, image_size: int = 480, vision=None, text=None, level=None, decoder=None):
+    """config.model of TFANet (``family = "tfanet"``; wimfris_jax/tfanet/model.py reads it)."""
+    return common.ml_collections.ConfigDict(
+        dict(
+            family="tfanet",
+            image_size=image_size,
+            word_len=17,  # set from the dataset (configs/common.py DATASETS)
+            text=dict(text or {"preset": "l14"}),
+            vision=dict(vision or {"preset": "base"}),
+            level=level or dict(mlam=dict(scales=(1, 3, 5), num_heads=1), fusion=dict(dim=256), cfsm=dict()),
+            decoder=dict(decoder or dict(dim=256, out_channels=2, learn_alpha=True, alpha_init=0.5)),
+            loss_weights=(1.0, 1.0),  # (BCE, Dice)
+            paper_params=268.46e6,  # printed by the summary beside ours
+        )
+    )
+
+
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    config = common.referring_config(model_config(), arg, global_batch_size=8, lr=5e-5, patch_size=16)
+    config.train.update(lr_milestones=(25,), weight_decay=1e-4, trainable=(".*",))
+    return config
