@@ -1,13 +1,15 @@
 """SS2D and VMamba-B timings, ours (jax.jit, compile excluded) beside the PyTorch reference (tests/torch_ref/vmamba.py,
 the official pure-torch scan semantics: a Python loop over the L = H * W steps).
 
-    python -m benchmarks.bench_ss2d [--repeats 3] [--torch-threads 2] [--no-model]
+    python -m benchmarks.bench_ss2d [--repeats 3] [--torch-threads 2] [--no-model] [--tfanet] [--no-ss2d]
 
 Cases, float32, batch 1, at VMamba-B's shapes for a 480 x 480 image: SS2D of stage 1 (1, 120, 120, 128) and of stage 3
 (1, 30, 30, 512), forward and forward+backward (gradient w.r.t. the input and every parameter), for each JAX scan
 implementation; then the whole VMamba-B forward (four stage outputs) at 480 x 480. Same random weights on both sides
 (converted with port_weights.vmamba). Each cell is the minimum of ``--repeats`` timed runs after one warm-up run
-(benchmarks.timing.call_times); ratio = ours / torch (< 1: ours is faster).
+(benchmarks.timing.call_times); ratio = ours / torch (< 1: ours is faster). ``--tfanet`` adds the whole TFANet-B
+forward (configs/tfanet_b.py's model, evaluation mode: the logits alone, batch 1, 480 px, random weights); there is
+no PyTorch TFANet, so its torch and ratio columns read "-". ``--no-ss2d`` skips the SS2D cases.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from port_weights import vmamba as port
 from port_weights.common import convert
 from tests.torch_ref import vmamba as ref
 from wimfris_jax.backbones import VMamba, vmamba_config
+from wimfris_jax.config import load_config
+from wimfris_jax.model import build_model
 from wimfris_jax.ssm import SS2D
 
 CASES = [("SS2D stage 1", (1, 120, 120, 128)), ("SS2D stage 3", (1, 30, 30, 512))]
@@ -83,11 +87,26 @@ def bench_model(size: int, repeats: int) -> tuple[float, float]:
     return ours, theirs
 
 
+def bench_tfanet(repeats: int) -> tuple[float, tuple[int, ...]]:
+    """(ours ms, image shape): configs/tfanet_b.py's model forward in evaluation mode (logits only), batch 1, random
+    weights (its own initialisers), a 17-token sentence with 9 real words."""
+    config = load_config("configs/tfanet_b.py")
+    size, word_len = int(config.model.image_size), int(config.model.word_len)
+    model = build_model(config.model).clone(logits_only=True)
+    images = jax.random.normal(jax.random.PRNGKey(1), (1, size, size, 3))
+    ids = jnp.zeros((1, word_len), jnp.int32).at[0, :9].set(jnp.arange(9) + 300)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images, ids)["params"]
+    fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    return _min_ms(lambda: jax.block_until_ready(fwd(params, images, ids)), repeats), images.shape
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_ss2d", description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the minimum is reported)")
     ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--no-model", action="store_true", help="skip the VMamba-B forward")
+    ap.add_argument("--tfanet", action="store_true", help="add the TFANet-B forward (ours alone)")
+    ap.add_argument("--no-ss2d", action="store_true", help="skip the SS2D cases")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     head = f"| {cols} | ratio |"
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
-    for label, shape in CASES:
+    for label, shape in [] if args.no_ss2d else CASES:
         for impl, tag, ours, theirs in bench_ss2d(shape, args.repeats):
             print(
                 f"| {label:14s} | {str(shape):19s} | {impl:11s} | {tag:7s} | {ours:8.1f} | {theirs:8.1f} "
@@ -112,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         label, shape = "VMamba-B", "(1, 480, 480, 3)"
         print(f"| {label:14s} | {shape:19s} | {'default':11s} | {'fwd':7s} | {ours:8.1f} | {theirs:8.1f} "
               f"| {ours / theirs:5.2f} |")  # fmt: skip
+    if args.tfanet:
+        ours, shape = bench_tfanet(args.repeats)
+        print(f"| {'TFANet-B':14s} | {str(shape):19s} | {'default':11s} | {'fwd':7s} | {ours:8.1f} | {'-':>8s} "
+              f"| {'-':>5s} |")  # fmt: skip
     return 0
 
 

@@ -15,6 +15,16 @@ Run::
         --init text_encoder=clip_l14.msgpack --init image_encoder=vmamba_b.msgpack
     python -m wimfris_jax.summary --config configs/tfanet_b.py
 
+Ablation switches (Table 3; docs/TFANET.md "Ablation switches"), as ``--set`` overrides of this config:
+
+    (a) baseline            model.level.attention=none model.level.mixer=conv model.decoder.kind=simple
+    (b) (a) + CFSM          model.level.attention=none model.decoder.kind=simple
+    (c) (b) + transformer   model.level.attention=transformer model.decoder.kind=simple
+    (d) (b) + MLAM          model.decoder.kind=simple
+    (e) (d) + WFDM, full    (none: the defaults)
+
+(``model.level.transformer.num_heads`` sets (c)'s heads, 8 by default.)
+
 Expected (paper, Table 1): RefCOCO val / testA / testB mIoU 77.84 / 79.42 / 75.16, oIoU 76.54 / 78.24 / 72.86;
 268.46M parameters (the summary prints ours beside it).
 """
@@ -31,8 +41,15 @@ def model_config(*, image_size: int = 480, vision=None, text=None, level=None, d
             word_len=17,  # set from the dataset (configs/common.py DATASETS)
             text=dict(text or {"preset": "l14"}),
             vision=dict(vision or {"preset": "base"}),
-            level=level or dict(mlam=dict(scales=(1, 3, 5), num_heads=1), fusion=dict(dim=256), cfsm=dict()),
-            decoder=dict(decoder or dict(dim=256, out_channels=2, learn_alpha=True, alpha_init=0.5)),
+            # attention "mlam" | "transformer" | "none", mixer "cfsm" | "conv": Table 3's switches (docstring)
+            level={
+                "attention": "mlam",
+                "mixer": "cfsm",
+                "transformer": dict(num_heads=8),
+                **(level or dict(mlam=dict(scales=(1, 3, 5), num_heads=1), fusion=dict(dim=256), cfsm=dict())),
+            },
+            # kind "wfdm" | "simple" (Table 3 a-d's lightweight decoder)
+            decoder={"kind": "wfdm", **(decoder or dict(dim=256, out_channels=2, learn_alpha=True, alpha_init=0.5))},
             loss_weights=(1.0, 1.0),  # (BCE, Dice)
             paper_params=268.46e6,  # printed by the summary beside ours
         )

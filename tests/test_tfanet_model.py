@@ -13,6 +13,7 @@ from wimfris_jax.cli import main
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.model import build_model, loss_fn
 from wimfris_jax.summary import abstract_params, count_params
+from wimfris_jax.tfanet.ablations import TransformerCrossAttention
 
 QUICK = "configs/tfanet_tiny.py:quick"
 
@@ -64,3 +65,81 @@ def test_tfanet_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
     assert main(["predict", "--checkpoint", run, "--image", str(image), "--text", "the red circle",
                  "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     assert any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
+
+
+# Table 3's rows as overrides (configs/tfanet_b.py docstring): (level.attention, level.mixer, decoder.kind).
+ROWS = {
+    "a": ("none", "conv", "simple"),
+    "b": ("none", "cfsm", "simple"),
+    "c": ("transformer", "cfsm", "simple"),
+    "d": ("mlam", "cfsm", "simple"),
+    "e": ("mlam", "cfsm", "wfdm"),
+}
+IDS = jnp.array([[3, 5, 7, 0, 0], [4, 6, 0, 0, 0]], jnp.int32)
+
+
+def _switched(attention, mixer, kind):
+    config = load_config(QUICK)
+    config.model.level.attention, config.model.level.mixer, config.model.decoder.kind = attention, mixer, kind
+    return config, build_model(config.model)
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_ablation_rows_build_with_their_parameters(row):
+    attention, mixer, kind = ROWS[row]
+    _, model = _switched(attention, mixer, kind)
+    images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, IDS, train=False), images)["params"]
+    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, IDS, train=False), params, images)
+    assert out["logits"].shape == (2, 16, 16) and out["scores"].shape == (2, 16, 16, 2)
+    expect = {"fusion", mixer} | ({attention} if attention != "none" else set())
+    assert all(set(params[f"level_{i}"]) == expect for i in range(4))
+    decoder = set(params["decoder"])
+    assert {f"lateral_{i}" for i in range(4)} | {"score"} <= decoder
+    assert (decoder >= {"kernel_0", "alpha_1"}) == (kind == "wfdm")
+    assert decoder.isdisjoint({"kernel_0", "alpha_1"}) == (kind == "simple")
+
+
+def test_ablation_switches_run_forward():
+    """One real forward through all three stand-ins (transformer attention, conv fusion, simple decoder)."""
+    config, model = _switched("transformer", "conv", "simple")
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), images, IDS, train=False)
+    assert set(variables["params"]["level_0"]) == {"transformer", "fusion", "conv"}
+    apply = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))
+    out = apply(variables, images, IDS)
+    assert out["logits"].shape == (2, 16, 16) and float(jnp.std(out["logits"])) > 1e-4
+    loss, _ = loss_fn(config.model, out, jnp.zeros((2, 64, 64)))
+    assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize(
+    "where, key, value, choices",
+    [
+        ("level", "attention", "linear", "['mlam', 'none', 'transformer']"),
+        ("level", "mixer", "mamba", "['cfsm', 'conv']"),
+        ("decoder", "kind", "fpn", "['simple', 'wfdm']"),
+    ],
+)
+def test_bad_ablation_switch_is_one_line(where, key, value, choices):
+    config = load_config(QUICK)
+    config.model[where][key] = value
+    with pytest.raises(ConfigError) as err:
+        build_model(config.model)
+    assert str(err.value) == f"config.model.{where}.{key}={value!r}: choose one of {choices}"
+
+
+def test_transformer_attention_ignores_padded_words():
+    """Table 3c's stand-in: padded words are masked as keys and zeroed as queries, whatever their content."""
+    visual = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
+    words = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    pad = IDS == 0
+    attend = TransformerCrossAttention(num_heads=2)
+    variables = attend.init(jax.random.PRNGKey(2), visual, words, pad)
+    f_lv, f_vl = attend.apply(variables, visual, words, pad)
+    assert f_lv.shape == visual.shape and f_vl.shape == words.shape
+    noisy = jnp.where(pad[..., None], 100.0 * jax.random.normal(jax.random.PRNGKey(3), words.shape), words)
+    g_lv, g_vl = attend.apply(variables, visual, noisy, pad)
+    np.testing.assert_allclose(f_lv, g_lv, atol=1e-5)
+    np.testing.assert_allclose(f_vl, g_vl, atol=1e-5)
+    assert float(jnp.abs(f_vl * pad[..., None]).max()) == 0.0

@@ -4,9 +4,11 @@ Robust Referring Image Segmentation"), as backbone-independent Flax modules; dec
 - KPS: :class:`MLAM` (eqs. 4-15) and :class:`FusionBlock` (eqs. 16-19),
 - KFS: :class:`CFSM` with :class:`CSSM` (eqs. 20-22),
 - KIS: :class:`WFDM` (eqs. 23-26) and :func:`tfanet_loss`,
-- :class:`TFANetLevel`: MLAM -> fusion block -> CFSM on one level (eq. 2's delta_i).
+- :class:`TFANetLevel`: MLAM -> fusion block -> CFSM on one level (eq. 2's delta_i),
+- Table 3's ablation stand-ins: :class:`TransformerCrossAttention`, :class:`ConvFusion`, :class:`SimpleDecoder`.
 """
 
+from wimfris_jax.tfanet.ablations import ConvFusion, SimpleDecoder, TransformerCrossAttention
 from wimfris_jax.tfanet.cfsm import CFSM, CSSM
 from wimfris_jax.tfanet.fusion import FusionBlock
 from wimfris_jax.tfanet.level import TFANetLevel
@@ -18,6 +20,9 @@ __all__ = [
     "CFSM",
     "CSSM",
     "MLAM",
+    "ConvFusion",
+    "SimpleDecoder",
+    "TransformerCrossAttention",
     "WFDM",
     "FusionBlock",
     "TFANetLevel",

@@ -13,6 +13,10 @@ residual before the stage's own downsample (sigma), so a unit that outputs zeros
 unit runs after every stage, the last one included (eq. 2, i in 1..4), whose F_4 only feeds the decoder.
 Parameter names: "text_encoder", "image_encoder" (the VMamba's own names, as converted), "level_<i>", "decoder".
 
+Ablation switches (Table 3 rows a-e; docs/TFANET.md "Ablation switches"): ``level.attention`` "mlam" |
+"transformer" | "none", ``level.mixer`` "cfsm" | "conv", ``decoder.kind`` "wfdm" | "simple"
+(:mod:`wimfris_jax.tfanet.ablations`); the defaults build the full model with the same parameter names.
+
 Outputs: "logits" (B, S/4, S/4) the foreground logits, "scores" (B, S/4, S/4, out_channels), "state" (B, Ct).
 Decisions where the paper is silent: docs/TFANET.md.
 """
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
 from wimfris_jax.config import ConfigError, expand_preset
+from wimfris_jax.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
 from wimfris_jax.tfanet.level import TFANetLevel
 from wimfris_jax.tfanet.losses import foreground_logits, tfanet_loss
 from wimfris_jax.tfanet.wfdm import WFDM
@@ -38,8 +43,8 @@ class TFANet(nn.Module):
 
     Attributes:
       text_encoder: ClipText; image_encoder: VMamba (called stage by stage).
-      decoder: WFDM.
-      level: keyword arguments of every stage's :class:`TFANetLevel` (mlam, fusion, cfsm).
+      decoder: WFDM (or the ablation's SimpleDecoder).
+      level: keyword arguments of every stage's :class:`TFANetLevel` (mlam, fusion, cfsm, attention, mixer, ...).
       logits_only: as :class:`wimfris_jax.model.Wimfris` (evaluation mode, the logits alone, when ``train`` is None).
     """
 
@@ -79,21 +84,38 @@ class TFANet(nn.Module):
         return {"logits": logits, "scores": scores, "state": state}
 
 
+def _choice(group: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...], where: str) -> str:
+    value = group.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"config.model.{where}.{key}={value!r}: choose one of {sorted(choices)}")
+    return value
+
+
 def build_tfanet(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> TFANet:
     """The TFANet module for ``config.model`` (configs/tfanet_b.py documents the keys): ``text`` ClipText fields or
-    ``{"preset": "l14"}``, ``vision`` VMamba fields or ``{"preset": "base"}``, ``level`` (mlam / fusion / cfsm
-    keyword arguments), ``decoder`` (WFDM's). ``remat_mode`` rematerialises each VSS block."""
+    ``{"preset": "l14"}``, ``vision`` VMamba fields or ``{"preset": "base"}``, ``level`` (``attention``, ``mixer``
+    and the mlam / fusion / cfsm / transformer / conv keyword arguments), ``decoder`` (``kind`` and WFDM's or
+    SimpleDecoder's keyword arguments). ``remat_mode`` rematerialises each VSS block."""
     cfg = model_config
     text = ClipText(dtype=dtype, **expand_preset(cfg.text, clip_text_config))
     vision = VMamba(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.vision, vmamba_config))
     if int(cfg.image_size) % (4 * 2 ** (len(vision.depths) - 1)):
         raise ConfigError(f"config.model.image_size={cfg.image_size} is not a multiple of the VMamba's total stride")
-    level = {k: dict(v) for k, v in dict(cfg.get("level") or {}).items()}
+    raw = dict(cfg.get("level") or {})
+    level = {k: dict(v) for k, v in raw.items() if k not in ("attention", "mixer")}
     for group in level.values():
         group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list)})
-    return TFANet(
-        text_encoder=text, image_encoder=vision, decoder=WFDM(dtype=dtype, **dict(cfg.decoder)), level=level
-    )
+    level["attention"] = _choice(raw, "attention", "mlam", ATTENTIONS, "level")
+    level["mixer"] = _choice(raw, "mixer", "cfsm", MIXERS, "level")
+    dec = dict(cfg.decoder)
+    if _choice(dec, "kind", "wfdm", DECODERS, "decoder") == "simple":
+        # WFDM's alpha keys stay in the config so that one override switches the decoder; the simple one has none
+        decoder = SimpleDecoder(
+            dtype=dtype, **{k: v for k, v in dec.items() if k not in ("kind", "learn_alpha", "alpha_init")}
+        )
+    else:
+        decoder = WFDM(dtype=dtype, **{k: v for k, v in dec.items() if k != "kind"})
+    return TFANet(text_encoder=text, image_encoder=vision, decoder=decoder, level=level)
 
 
 def tfanet_loss_fn(
