@@ -49,6 +49,7 @@ def test_bad_family_is_one_line():
         build_model(config.model)
 
 
+@pytest.mark.slow  # ~2.5 min of compilation alone on 2 cores: in the slow set
 def test_tfanet_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
     run = str(tmp_path / "run")
     sets = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=3", "--set", "train.log_every=1"]
