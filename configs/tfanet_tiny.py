@@ -9,7 +9,11 @@ Run::
     wimfris train --config configs/tfanet_tiny.py --workdir /tmp/tfanet_tiny
     wimfris demo --config configs/tfanet_tiny.py           # trains, then scores true vs swapped sentences
 
-Expected: the loss falls; the demo's true-sentence mIoU well above the swapped-sentence control.
+Expected: the loss falls; the demo's true-sentence mIoU well above the swapped-sentence control. Measured
+(``wimfris demo --config configs/tfanet_tiny.py``, 3,200 steps of batch 16, 206 ms/step alone on 2 CPU cores;
+1,508 s on a loaded machine): val mIoU 54.1 with the true sentences vs 3.4 swapped (oIoU 53.2 / 3.3). Below the
+WIMFRIS demo's 60 at the same budget: TFANet's logits are 1/4 of the image (16 x 16 here, Prec@0.8 0.3%), and the
+coarse mask bounds the IoU on 64 px scenes.
 """
 
 from configs import common, demo, tfanet_b
