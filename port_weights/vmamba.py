@@ -149,15 +149,15 @@ def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads an official VMamba checkpoint (weights under ``model`` or bare) -> (params, meta);
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.VMamba` fields.
 
-    The training code pickles its yacs ``config`` beside the weights, which the weights-only reader refuses; the
-    error then says how to keep just the weights."""
+    The training code pickles its yacs ``config`` beside the weights, which the weights-only reader refuses (and
+    this converter never unpickles); the error then says that only the ``['model']`` state dict is read."""
     try:
         return port(VMAMBA, src)
     except ConversionError as err:
         if "refused as unsafe" not in str(err):
             raise
         hint = (
-            "; VMamba training checkpoints also pickle their config: in an environment you trust, keep the weights "
-            f"with torch.save(torch.load({src!r}, weights_only=False)['model'], 'vmamba_weights.pth')"
+            "; VMamba training checkpoints also pickle their yacs config, which is not read here: convert a file "
+            "holding only the ['model'] state dict (saved with torch.save from a checkpoint you produced yourself)"
         )
         raise ConversionError(f"{err}{hint}") from err

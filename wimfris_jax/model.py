@@ -272,11 +272,6 @@ def build_wimfris(model_config: Any, dtype: Any = None, remat_mode: str = "none"
     )
 
 
-def feature_grid(model_config: Any) -> tuple[int, int]:
-    """(h, w) of the neck's feature map: image_size // patch_size."""
-    return model_window(model_config)[0]
-
-
 def wimfris_loss_fn(
     model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray
 ) -> tuple[jnp.ndarray, dict]:

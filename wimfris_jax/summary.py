@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
 from wimfris_jax.load import expected_variables
@@ -26,10 +27,7 @@ from wimfris_jax.train.freeze import path_selected
 GROUPS = (
     ("text backbone", "text_encoder"),
     ("vision backbone", "image_encoder"),
-    ("MTA", "mta_"),
-    ("MSA", "msa_"),
-    ("text adapter (D-MoC)", "text_adapter_"),
-    ("Dense Aligner", "dense_aligner_"),
+    *((a.label, f"{a.prefix}_") for a in ADAPTERS.values()),  # one row per adapter kind
     ("alignment units (TFANet)", "level_"),
     ("neck", "neck"),
     ("decoder", "decoder"),
@@ -48,7 +46,8 @@ def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[
     flat = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
     counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in GROUPS}
     counts = {name: n for name, n in counts.items() if n}
-    adapters = [n for name, n in counts.items() if name in ("MTA", "MSA", "text adapter (D-MoC)", "Dense Aligner")]
+    labels = {a.label for a in ADAPTERS.values()}
+    adapters = [n for name, n in counts.items() if name in labels]
     if adapters:
         counts["PET (adapters)"] = sum(adapters)
     counts["trainable"] = sum(n for k, n in flat.items() if path_selected(k, trainable))

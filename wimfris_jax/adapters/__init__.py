@@ -37,20 +37,22 @@ class AdapterKind:
       side: "text" (inside the text tower) or "vision" (inside the vision tower).
       module: the Flax module class (the protocol of the module docstring).
       prefix: parameters live under ``f"{prefix}_{layer}"`` (the names of converted checkpoints).
+      label: its row in the parameter summary (``python -m wimfris_jax.summary``).
       shared: groups of ``config.model`` merged into the module's keyword arguments (MTA: the Mamba sizes).
     """
 
     side: str
     module: type[nn.Module]
     prefix: str
+    label: str
     shared: tuple[str, ...] = ()
 
 
 ADAPTERS: dict[str, AdapterKind] = {
-    "mta": AdapterKind("text", MambaTextAdapter, "mta", shared=("mamba",)),
-    "dmoc": AdapterKind("text", TextAdapter, "text_adapter"),
-    "msa": AdapterKind("vision", MultiScaleAligner, "msa"),
-    "dense_aligner": AdapterKind("vision", DenseAligner, "dense_aligner"),
+    "mta": AdapterKind("text", MambaTextAdapter, "mta", "MTA", shared=("mamba",)),
+    "dmoc": AdapterKind("text", TextAdapter, "text_adapter", "text adapter (D-MoC)"),
+    "msa": AdapterKind("vision", MultiScaleAligner, "msa", "MSA"),
+    "dense_aligner": AdapterKind("vision", DenseAligner, "dense_aligner", "Dense Aligner"),
 }
 
 __all__ = ["ADAPTERS", "AdapterKind", "DenseAligner", "MambaTextAdapter", "MultiScaleAligner", "RFMixer", "TextAdapter"]
