@@ -1,5 +1,5 @@
-"""Data pipeline: RefCOCO-family readers (refer layout, tfds), a synthetic set, DETRIS preprocessing, CLIP
-tokenizer and a Grain loader. Raw examples are dicts {"image" uint8 (H, W, 3), "mask" uint8 (H, W),
+"""Data pipeline: RefCOCO-family readers (refer layout, tfds), a synthetic set, DETRIS preprocessing, CLIP and
+WordPiece tokenizers and a Grain loader. Raw examples are dicts {"image" uint8 (H, W, 3), "mask" uint8 (H, W),
 "sentence", "image_id", "ann_id", "ref_id", "sent_id"}; see docs/DATA.md.
 
 The exports below are resolved on first access, so ``import data_pipeline`` loads no submodule; tensorflow_datasets
@@ -13,6 +13,8 @@ from typing import Any
 
 _EXPORTS = {
     "tokenize": "tokenizer",
+    "text_ids": "tokenizer",
+    "wordpiece_tokenize": "wordpiece",
     "preprocess_train": "preprocess",
     "preprocess_eval": "preprocess",
     "letterbox_matrix": "preprocess",

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data_pipeline.tokenizer import clean, tokenize
+from data_pipeline.tokenizer import clean, text_ids
 from wimfris_jax.errors import UserError
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP, RGB
@@ -133,10 +133,10 @@ def _sentence(example: Mapping[str, Any], rng: np.random.Generator | None) -> st
     return str(example["sentence"])
 
 
-def _ids(example: Mapping[str, Any], sentence: str, word_len: int) -> np.ndarray:
+def _ids(example: Mapping[str, Any], sentence: str, word_len: int, tokenizer: str) -> np.ndarray:
     if not clean(sentence):
         raise ExampleError(f"empty sentence {sentence!r} in example {describe(example)}")
-    return tokenize(sentence, word_len)[0]
+    return text_ids(sentence, word_len, tokenizer)[0]
 
 
 def _image_and_mask(example: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +157,7 @@ def preprocess_train(
     word_len: int = 17,
     mask_size: int = 128,
     rng: np.random.Generator | None = None,
+    tokenizer: str = "clip",
 ) -> dict[str, np.ndarray]:
     """Raw example -> {"image": float32 (S, S, 3), "ids": int32 (L,), "mask": float32 (m, m) soft mask}.
 
@@ -164,13 +165,18 @@ def preprocess_train(
     at random as DETRIS does; otherwise "sentence" is used.
     """
     image, mask = _image_and_mask(example)
-    ids = _ids(example, _sentence(example, rng), word_len)
+    ids = _ids(example, _sentence(example, rng), word_len, tokenizer)
     soft = nearest_downsample(letterbox_mask(mask, image_size), mask_size)
     return {"image": normalize(letterbox_image(image, image_size)), "ids": ids, "mask": soft}
 
 
 def preprocess_eval(
-    example: Mapping[str, Any], *, image_size: int = 448, word_len: int = 17, max_size: int = 640
+    example: Mapping[str, Any],
+    *,
+    image_size: int = 448,
+    word_len: int = 17,
+    max_size: int = 640,
+    tokenizer: str = "clip",
 ) -> dict[str, np.ndarray]:
     """Raw example -> fixed-shape eval record.
 
@@ -182,7 +188,7 @@ def preprocess_eval(
     h, w = image.shape[:2]
     if h > max_size or w > max_size:
         raise ExampleError(f"image {h}x{w} exceeds max_size={max_size} in example {describe(example)}")
-    ids = _ids(example, str(example["sentence"]), word_len)
+    ids = _ids(example, str(example["sentence"]), word_len, tokenizer)
     padded = np.zeros((max_size, max_size), np.uint8)
     padded[:h, :w] = mask.astype(np.uint8)
     return {

@@ -81,15 +81,17 @@ class _NoTorchNotice(logging.Filter):
         return not record.getMessage().startswith("PyTorch was not found")
 
 
-def _clip_tokenizer_class() -> type:
-    """transformers' CLIPTokenizer, imported without the no-torch notice (:class:`_NoTorchNotice`)."""
+def transformers_class(name: str) -> type:
+    """A class of transformers (``"CLIPTokenizer"``, ``"BertTokenizerFast"``), imported on first use (heavy: ~0.8 s)
+    without the no-torch notice (:class:`_NoTorchNotice`)."""
     logger, notice = logging.getLogger("transformers"), _NoTorchNotice()  # the logger transformers/__init__ uses
     logger.addFilter(notice)
     try:
-        from transformers import CLIPTokenizer  # heavy (~0.8 s) and only for the tokenizer: imported on first use
+        import transformers
+
+        return getattr(transformers, name)  # transformers resolves its exports lazily: the import happens here
     finally:
         logger.removeFilter(notice)
-    return CLIPTokenizer
 
 
 @functools.cache
@@ -107,7 +109,7 @@ def _tokenizer():
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = _clip_tokenizer_class()(vocab=vocab, merges=merges)
+    tok = transformers_class("CLIPTokenizer")(vocab=vocab, merges=merges)
     return tok, vocab[SOT_TOKEN], vocab[EOT_TOKEN]
 
 
@@ -174,3 +176,21 @@ def tokenize(texts: str | Sequence[str], context_length: int) -> np.ndarray:
             stacklevel=2,
         )
     return out
+
+
+class TokenizerSpecError(UserError, ValueError):
+    """A ``config.data.tokenizer`` that names no known tokenizer."""
+
+
+def text_ids(texts: str | Sequence[str], context_length: int, tokenizer: str = "clip") -> np.ndarray:
+    """Token ids, int32 (N, context_length), 0 = padding, by the tokenizer ``config.data.tokenizer`` names:
+    "clip" (:func:`tokenize`, WIMFRIS / DETRIS / TFANet) or "wordpiece:PATH" (BERT's WordPiece from a local
+    vocab.txt or a BERT weights folder holding it: [CLS] ... [SEP], :mod:`data_pipeline.wordpiece`; VIPA)."""
+    if tokenizer == "clip":
+        return tokenize(texts, context_length)
+    kind, _, vocab = str(tokenizer).partition(":")
+    if kind == "wordpiece" and vocab:
+        from data_pipeline.wordpiece import wordpiece_tokenize  # lazy: only configs with a WordPiece vocabulary
+
+        return wordpiece_tokenize(texts, context_length, vocab)
+    raise TokenizerSpecError(f"tokenizer {tokenizer!r}: use 'clip' or 'wordpiece:PATH' (a vocab.txt or its folder)")

@@ -30,6 +30,8 @@ FAMILIES = {
     "mamba": "port_weights.mamba",
     "vmamba": "port_weights.vmamba",
     "detris": "port_weights.detris",
+    "swin": "port_weights.swin",
+    "bert": "port_weights.bert",
 }
 
 

@@ -3,7 +3,9 @@
 Tensors keep their stored dtype (float16, bfloat16 via ``ml_dtypes``, integers, bool): :func:`port_weights.common.
 convert` checks and casts them, so the converters can refuse integer weights and report upcasts. Files are read
 with ``weights_only=True`` (or from safetensors), never with plain pickle; a file that weights-only loading refuses
-is reported as unsafe in one line (torch's advice to load it with ``weights_only=False`` is not repeated).
+is reported as unsafe in one line (torch's advice to load it with ``weights_only=False`` is not repeated). A yacs
+config pickled beside the weights (VMamba's and Swin's training checkpoints) is read as an ``OrderedDict``
+(:class:`ConfigNode`) without importing yacs.
 PyTorch is imported lazily, only for ``.bin``/``.pth``/``.pt`` files.
 """
 
@@ -13,6 +15,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +47,21 @@ _NOT_TORCH = "not a PyTorch checkpoint (.pth/.bin/.pt) or TorchScript archive"
 
 class MissingCheckpointError(UserError, FileNotFoundError):
     """Raised when the checkpoint file or folder does not exist or holds no weights file."""
+
+
+class ConfigNode:
+    """Stands in for the config classes of :data:`CONFIG_CLASSES` while unpickling: creating one gives an
+    ``OrderedDict`` (which the weights-only reader fills and whose ``__dict__`` takes the attributes, e.g. yacs's
+    immutability flag). No code of the real class is imported or run, so the reader stays as safe as for a bare
+    state dict."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+# Config classes that training checkpoints pickle beside their weights: yacs's CfgNode (VMamba's and Swin's training
+# code save ``{"model": ..., "config": CfgNode}``), read as :class:`ConfigNode`.
+CONFIG_CLASSES = ("yacs.config.CfgNode",)
 
 
 # ------------------------------------------------------------------------------------------- messages
@@ -108,7 +126,8 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
             raise ConversionError(f"{path}: damaged TorchScript archive: {clean_message(err)}") from err
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([(ConfigNode, name) for name in CONFIG_CLASSES]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise _refusal(path, err) from err
         except Exception as err:

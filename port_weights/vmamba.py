@@ -149,15 +149,16 @@ def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads an official VMamba checkpoint (weights under ``model`` or bare) -> (params, meta);
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.VMamba` fields.
 
-    The training code pickles its yacs ``config`` beside the weights, which the weights-only reader refuses (and
-    this converter never unpickles); the error then says that only the ``['model']`` state dict is read."""
+    The training code pickles its yacs ``config`` beside the weights; the reader takes it as a plain dict without
+    importing yacs (:data:`port_weights.checkpoint.CONFIG_CLASSES`). Any other pickled class is refused, and the
+    error then says that only the ``['model']`` state dict is read."""
     try:
         return port(VMAMBA, src)
     except ConversionError as err:
         if "refused as unsafe" not in str(err):
             raise
         hint = (
-            "; VMamba training checkpoints also pickle their yacs config, which is not read here: convert a file "
-            "holding only the ['model'] state dict (saved with torch.save from a checkpoint you produced yourself)"
+            "; only the ['model'] state dict (and a yacs config) of a VMamba checkpoint is read: convert a file "
+            "holding only that state dict (saved with torch.save from a checkpoint you produced yourself)"
         )
         raise ConversionError(f"{err}{hint}") from err

@@ -120,7 +120,7 @@ def test_eval_sources_and_settings():
         build_source(data, "bogus")
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert data_settings(ml_collections.ConfigDict({"data": data, "model": {}})) == {
-        "image_size": 64, "word_len": 17, "max_size": 640
+        "image_size": 64, "word_len": 17, "max_size": 640, "tokenizer": "clip"
     }  # fmt: skip
 
 

@@ -45,7 +45,7 @@ def test_tfanet_b_summary_counts_beside_the_paper():
 def test_bad_family_is_one_line():
     config = load_config(QUICK)
     config.model.family = "lavt"
-    with pytest.raises(ConfigError, match=r"config.model.family='lavt': choose one of \['tfanet', 'wimfris'\]"):
+    with pytest.raises(ConfigError, match=r"config.model.family='lavt': choose one of \['tfanet', 'vipa', 'wimfris'\]"):
         build_model(config.model)
 
 

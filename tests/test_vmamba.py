@@ -7,6 +7,9 @@ state dict loads into it with strict=True and, at depths 1-2-2-1 / dims 32 on a 
 perturbed, the stage outputs agree to 2.3e-5 max-abs (|y| up to 15: float32 rounding), for norm "ln" and "ln2d".
 """
 
+import sys
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,10 +104,27 @@ def test_vmamba_tiny_parity_through_the_converter(tmp_path):
 
 
 class _Config(dict):
-    """Pickled by reference, as yacs' CfgNode in the official training checkpoints."""
+    """A class pickled by reference that the checkpoint reader does not know."""
 
 
-def test_cli_and_errors_name_every_key(tmp_path):
+def yacs_config(monkeypatch) -> dict:
+    """A CfgNode of a stand-in ``yacs.config`` module (yacs is not installed), nested as VMamba's training config;
+    the caller removes the module again after saving, so the reader cannot import it."""
+
+    class CfgNode(dict):
+        def __init__(self, d=None):
+            super().__init__(d or {})
+            self.__dict__["__immutable__"] = False
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module = types.ModuleType("yacs.config")
+    module.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    return CfgNode({"MODEL": CfgNode({"TYPE": "vssm", "VSSM": CfgNode({"DEPTHS": [2, 2, 15, 2]})}), "SEED": 0})
+
+
+def test_cli_and_errors_name_every_key(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = ref.VSSM(depths=(1, 1, 1, 1), dims=16, num_classes=5)
     sd = dict(model.state_dict())
@@ -127,8 +147,14 @@ def test_cli_and_errors_name_every_key(tmp_path):
         assert name in msg, name
     assert "5 problem(s)" in msg  # two missing, a renamed key (missing + unexpected), an unexpected one
 
-    torch.save({"model": sd, "config": _Config()}, src)  # the training code pickles its yacs config too
-    with pytest.raises(ConversionError, match=r"refused as unsafe.*\['model'\]"):
+    torch.save({"model": sd, "config": yacs_config(monkeypatch)}, src)  # as the official training checkpoints
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    params2, _ = port.from_checkpoint(str(src))  # the yacs config is read as a dict, yacs never imported
+    a_logs = params["layers_3"]["blocks_0"]["op"]["A_logs"]
+    assert np.array_equal(params2["layers_3"]["blocks_0"]["op"]["A_logs"], a_logs)
+    torch.save({"model": sd, "config": _Config()}, src)  # any other pickled class stays refused
+    with pytest.raises(ConversionError, match=r"refused as unsafe.*_Config.*\['model'\]"):
         port.from_checkpoint(str(src))
 
     gated = dict(sd)

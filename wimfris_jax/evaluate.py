@@ -39,15 +39,21 @@ class EvalError(UserError, ValueError):
     """A bad evaluation setting (split, data source, batch size, ...); the message names it."""
 
 
-def data_settings(config: Any) -> dict[str, int]:
-    """image_size, word_len and max_size (eval mask padding, default 640) from ``config.data`` (or config.model)."""
+def data_settings(config: Any) -> dict[str, Any]:
+    """image_size, word_len, max_size (eval mask padding, default 640) and tokenizer ("clip" unless the config names
+    one, :func:`data_pipeline.tokenizer.text_ids`) from ``config.data`` (or config.model)."""
     data = config.data if hasattr(config, "data") else config
     model = config.model if hasattr(config, "model") else config
     get = lambda key, default=None: data.get(key, model.get(key, default))  # noqa: E731
     size, word_len = get("image_size"), get("word_len")
     if size is None or word_len is None:
         raise EvalError("the config names no image_size / word_len (config.data or config.model)")
-    return {"image_size": int(size), "word_len": int(word_len), "max_size": int(get("max_size", 640))}
+    return {
+        "image_size": int(size),
+        "word_len": int(word_len),
+        "max_size": int(get("max_size", 640)),
+        "tokenizer": str(get("tokenizer", "clip")),
+    }
 
 
 class _Head:
@@ -66,7 +72,7 @@ class _Head:
         return f"_Head({self.source!r}, n={self.n})"
 
 
-def _transform(settings: Mapping[str, int], swap_sentences: bool, source: Any) -> Callable:
+def _transform(settings: Mapping[str, Any], swap_sentences: bool, source: Any) -> Callable:
     def transform(example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         del rng
         if swap_sentences:

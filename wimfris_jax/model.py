@@ -44,6 +44,7 @@ from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window
 from wimfris_jax.tfanet.model import build_tfanet, tfanet_loss_fn
+from wimfris_jax.vipa.model import build_vipa, vipa_loss_fn
 
 # config.model keys of the schema before text_adapter / vision_adapter (wimfris_jax.config.upgrade_model_config)
 LEGACY_KEYS = ("adapter_kind", "use_mta", "use_msa", "mta_layers", "msa_layers", "mta_scale", "mta", "msa")
@@ -288,6 +289,7 @@ def wimfris_loss_fn(
 FAMILIES: dict[str, tuple[Callable[..., nn.Module], Callable[..., tuple]]] = {
     "wimfris": (build_wimfris, wimfris_loss_fn),  # WIMFRIS and DETRIS (adapter kinds, neck kind)
     "tfanet": (build_tfanet, tfanet_loss_fn),
+    "vipa": (build_vipa, vipa_loss_fn),
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline.preprocess import ExampleError, inverse_letterbox_matrix, letterbox_image, load_image, normalize
-from data_pipeline.tokenizer import clean, tokenize
+from data_pipeline.tokenizer import clean, text_ids
 from wimfris_jax.config import load_config, read_run_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.evaluate import data_settings, forward_fn
@@ -101,9 +101,11 @@ def predict_masks(
     word_len: int,
     batch_size: int = 8,
     progress: bool = False,
+    tokenizer: str = "clip",
 ) -> list[np.ndarray]:
-    """(H_i, W_i) bool masks of the object ``sentence`` names in each uint8 RGB image."""
-    ids = tokenize(check_sentence(sentence), word_len)[0]
+    """(H_i, W_i) bool masks of the object ``sentence`` names in each uint8 RGB image (``tokenizer``: see
+    :func:`data_pipeline.tokenizer.text_ids`)."""
+    ids = text_ids(check_sentence(sentence), word_len, tokenizer)[0]
     forward = forward_fn(model)
     masks: list[np.ndarray] = []
     for start in tqdm.trange(0, len(images), batch_size, desc="predict", disable=not progress, leave=False):
@@ -172,6 +174,7 @@ def run(
     masks = predict_masks(
         model, variables, list(images.values()), text, image_size=settings["image_size"],
         word_len=settings["word_len"], batch_size=min(batch_size, len(images)), progress=progress,
+        tokenizer=settings["tokenizer"],
     )  # fmt: skip
     records = [{"image": p, "error": bad[i]} if i in bad else None for i, p in enumerate(paths)]
     stems = _names(paths)

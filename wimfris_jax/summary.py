@@ -6,7 +6,8 @@ Groups: frozen text backbone ("text_encoder"), frozen vision backbone ("image_en
 MSA ("msa_*"), neck, decoder, projector; then the trainable total (``config.train.trainable`` patterns),
 the PET total (MTA + MSA, the paper's "Params" of Table 3b) and the total. DETRIS configs show the text
 adapter (D-MoC) and Dense Aligner groups instead of MTA / MSA, and the total as in the official checkpoint.
-Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together).
+Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together). TFANet and VIPA configs add their own
+rows (alignment units; vision fusion, text cross layers, stage norms, VEG).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ GROUPS = (
     ("vision backbone", "image_encoder"),
     *((a.label, f"{a.prefix}_") for a in ADAPTERS.values()),  # one row per adapter kind
     ("alignment units (TFANet)", "level_"),
+    ("vision fusion (VIPA)", "vision_fusion_"),
+    ("text cross layers (VIPA)", "text_cross_"),
+    ("stage norms (VIPA)", "stage_norm_"),
+    ("VEG (VIPA)", "veg"),
     ("neck", "neck"),
     ("decoder", "decoder"),
     ("projector", "projector"),
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"neck {m.neck.kind}, C={m.neck.dim}{window}")
     if "level" in m:
         print(f"alignment units: {m.level.to_dict()}; decoder {m.decoder.to_dict()}")
+    if "veg" in m:
+        print(f"fusion {m.fusion}, text stages {tuple(m.text_stages)}, key-value {m.key_value}; VEG {m.veg.to_dict()}")
     print(format_table(counts))
     if m.get("paper_params"):
         total = counts["total"]

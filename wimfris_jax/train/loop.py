@@ -243,10 +243,12 @@ class _SigintFlag:
 
 
 def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np.random.Generator], dict]:
-    """DETRIS training preprocessing (letterbox, CLIP normalisation, tokenisation, soft mask) from config.data."""
+    """DETRIS training preprocessing (letterbox, CLIP normalisation, tokenisation by ``config.data.tokenizer``,
+    soft mask) from config.data."""
     kwargs = dict(
         image_size=int(data_config.image_size),
         word_len=int(data_config.word_len),
         mask_size=int(data_config.mask_size),
+        tokenizer=str(data_config.get("tokenizer", "clip")),
     )
     return lambda example, rng: preprocess_train(example, rng=rng, **kwargs)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import optax
 
+from wimfris_jax.config import ConfigError
+
 
 def lr_schedule(lr: float, milestones: Sequence[int], decay: float, steps_per_epoch: int) -> optax.Schedule:
     """Piecewise-constant lr: ``lr`` times ``decay`` at each milestone epoch."""
@@ -25,15 +27,30 @@ def lr_schedule(lr: float, milestones: Sequence[int], decay: float, steps_per_ep
     return optax.piecewise_constant_schedule(init_value=lr, boundaries_and_scales=boundaries)
 
 
+def poly_schedule(lr: float, total_steps: int, power: float = 0.9) -> optax.Schedule:
+    """``lr * (1 - c / total_steps) ** power`` for update ``c`` (CrossVLT's / VIPA's per-iteration LambdaLR)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    return optax.polynomial_schedule(init_value=lr, end_value=0.0, power=power, transition_steps=total_steps)
+
+
 def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)`` from ``config.train`` (lr, lr_milestones, lr_decay, weight_decay). Adam (PyTorch's
-    defaults), or AdamW with decoupled ``weight_decay`` when it is > 0 (TFANet). Applied to trainable params only."""
-    schedule = lr_schedule(
-        float(train_config.lr),
-        tuple(train_config.get("lr_milestones", ())),
-        float(train_config.get("lr_decay", 0.1)),
-        steps_per_epoch,
-    )
+    """``(tx, schedule)`` from ``config.train`` (lr, ``lr_schedule`` "step" (lr_milestones, lr_decay) or "poly"
+    (lr_power over ``epochs``), weight_decay). Adam (PyTorch's defaults), or AdamW with decoupled ``weight_decay``
+    when it is > 0 (TFANet, VIPA). Applied to trainable params only."""
+    kind = train_config.get("lr_schedule", "step")
+    if kind == "poly":
+        total = int(train_config.epochs) * steps_per_epoch
+        schedule = poly_schedule(float(train_config.lr), total, float(train_config.get("lr_power", 0.9)))
+    elif kind == "step":
+        schedule = lr_schedule(
+            float(train_config.lr),
+            tuple(train_config.get("lr_milestones", ())),
+            float(train_config.get("lr_decay", 0.1)),
+            steps_per_epoch,
+        )
+    else:
+        raise ConfigError(f"config.train.lr_schedule={kind!r}: choose 'step' or 'poly'")
     weight_decay = float(train_config.get("weight_decay", 0.0))
     if weight_decay > 0:
         tx = optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)

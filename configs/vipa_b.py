@@ -1,0 +1,60 @@
+r"""VIPA-B (Cho et al.): Swin-B (window 12, ImageNet-22K) + BERT-base (uncased) with CrossVLT's stage-wise early
+fusion, the Visual Expression Generator (r = 30%) and the visual-expression decoder; 480 x 480, RefCOCO by default.
+
+The paper's recipe (Sec. IV-A): everything trains, AdamW lr 3e-5 with polynomial decay (power 0.9 per update, as
+CrossVLT), 40 epochs, batch 16, at most 21 WordPiece tokens with [CLS]; BCE + Dice + the pixel-contrastive loss
+(Table VIII). Where the paper is silent (text stages 6/2/2/2 over all 12 BERT layers, widths 256, weight decay
+1e-2 as CrossVLT, loss weights 1/1/1, ...): docs/VIPA.md.
+
+Run::
+
+    python -m port_weights swin swin_base_patch4_window12_384_22k.pth swin_b.msgpack    # Microsoft or HF layout
+    python -m port_weights bert bert-base-uncased/ bert_base.msgpack                    # a HF folder (or its .bin)
+    wimfris train --config configs/vipa_b.py:refcoco --workdir runs/vipa_b \
+        --set data.tokenizer=wordpiece:bert-base-uncased/vocab.txt \
+        --init text_encoder=bert_base.msgpack --init image_encoder=swin_b.msgpack
+    python -m wimfris_jax.summary --config configs/vipa_b.py
+
+Ablation switches (``--set`` overrides; docs/VIPA.md "Ablation switches"):
+
+    Table V    key-value set       model.key_value=ve | advanced_le | vanilla_le
+    Table VI a VEG steps           model.veg.retrieve=false (w/o step 1), model.veg.refine=false (w/o step 2)
+    Table VI b linguistic cues     model.veg.cues=both | global | local
+    Fig. 4     retrieval ratio r   model.veg.ratio=0.1 | 0.3 | 0.8
+    Table VII  encoder fusion      model.fusion=early | late | none
+    Table VIII contrastive loss    model.loss_weights="(1.0, 1.0, 0.0)" (w/o supervision)
+
+Expected (paper, Table I): RefCOCO val / testA / testB oIoU 75.84 / 78.58 / 72.20, mIoU 78.68 / 79.93 / 75.98;
+431 GFLOPs (the summary prints our parameter counts).
+"""
+
+from configs import common
+
+
+def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(6, 2, 2, 2), veg=None, decoder=None):
+    """config.model of VIPA (``family = "vipa"``; wimfris_jax/vipa/model.py reads it)."""
+    return common.ml_collections.ConfigDict(
+        dict(
+            family="vipa",
+            image_size=image_size,
+            word_len=21,  # VIPA: 21 tokens with [CLS], every dataset
+            text=dict(text or {"preset": "base", "pooler": True}),  # the pooler as bert-base-uncased ships it
+            vision=dict(vision or {"preset": "base"}),
+            text_stages=tuple(text_stages),
+            fusion="early",  # early | late | none (Table VII)
+            key_value="ve",  # ve | advanced_le | vanilla_le (Table V)
+            veg=dict(veg or dict(dim=256, num_heads=8, ratio=0.3, cues="both", retrieve=True, refine=True)),
+            decoder=dict(decoder or dict(dim=256, num_heads=8)),
+            loss_weights=(1.0, 1.0, 1.0),  # (BCE, Dice, pixel contrastive)
+        )
+    )
+
+
+def get_config(arg: str | None = None):
+    """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
+    config = common.referring_config(model_config(), arg, global_batch_size=16, lr=3e-5, patch_size=16)
+    config.model.word_len = 21  # the dataset's DETRIS length does not apply (data.word_len follows)
+    config.data.tokenizer = "wordpiece:bert-base-uncased/vocab.txt"  # the vocab.txt beside your BERT weights
+    config.train.update(epochs=40, lr_schedule="poly", lr_power=0.9, lr_milestones=(), weight_decay=1e-2,
+                        trainable=(".*",))  # fmt: skip
+    return config

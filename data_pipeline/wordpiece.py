@@ -1,0 +1,128 @@
+"""Offline BERT WordPiece tokenizer, from the ``vocab.txt`` that ships with the BERT weights (CrossVLT's text input).
+
+ids = [CLS] + wordpiece(text) + [SEP], 0-padded to ``context_length`` ([PAD] must be id 0, as in every BERT
+vocabulary: :class:`wimfris_jax.backbones.bert.Bert` masks ``ids == 0``). Longer sentences keep their first
+``context_length - 2`` pieces and still end with [SEP] (CrossVLT: ``context_length`` 21 with [CLS]); that is
+transformers' ``truncation=True, max_length=context_length``, so the ids equal ``BertTokenizerFast(...)(text,
+padding="max_length", truncation=True, max_length=context_length)["input_ids"]``. Each call that truncates warns once
+(:class:`~data_pipeline.tokenizer.TruncationWarning`) with the number of truncated sentences.
+
+``vocab`` is a ``vocab.txt`` (one token a line, the line number is the id) or a folder holding ``vocab.txt`` or,
+failing that, a WordPiece ``tokenizer.json`` (its ``model.vocab`` is used; the normalisation is always BERT's with
+``lower_case``). The WordPiece itself runs in transformers' ``BertTokenizerFast`` (Rust ``tokenizers``), imported on
+first use and built once per (vocabulary file, ``lower_case``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_pipeline.tokenizer import TruncationWarning, VocabularyMissingError, transformers_class
+from wimfris_jax.errors import UserError
+
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+class VocabularyError(UserError, ValueError):
+    """A BERT vocabulary that cannot serve the model: unreadable, or without [PAD] = 0, [UNK], [CLS] or [SEP]."""
+
+
+def vocab_file(vocab: str | os.PathLike) -> str:
+    """The vocabulary file ``vocab`` names: the file itself, or a folder's ``vocab.txt`` / ``tokenizer.json``."""
+    path = os.path.abspath(os.fspath(vocab))
+    if os.path.isdir(path):
+        for name in ("vocab.txt", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise VocabularyMissingError(f"BERT vocabulary not found: {path} holds no vocab.txt or tokenizer.json")
+    if not os.path.isfile(path):
+        raise VocabularyMissingError(f"BERT vocabulary not found: no file {path}")
+    return path
+
+
+def read_vocab(path: str) -> dict[str, int]:
+    """{token: id} of a ``vocab.txt`` (line numbers; transformers' ``load_vocab``) or a ``tokenizer.json``
+    (``model.vocab``), checked: [PAD] is 0, [UNK], [CLS] and [SEP] exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                vocab = json.load(f)["model"]["vocab"]
+                if not isinstance(vocab, dict):
+                    raise TypeError("model.vocab is not a {token: id} object")
+            else:
+                vocab = {}
+                for i, line in enumerate(f):
+                    vocab[line.rstrip("\n")] = i  # a repeated token keeps its last id, as load_vocab does
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise VocabularyError(f"BERT vocabulary {path} is unreadable ({type(e).__name__}: {e})") from e
+    missing = [t for t in SPECIAL if t not in vocab]
+    if missing:
+        raise VocabularyError(f"BERT vocabulary {path} lacks the special token(s) {missing}")
+    if vocab["[PAD]"] != 0:
+        raise VocabularyError(
+            f"BERT vocabulary {path} has [PAD] at id {vocab['[PAD]']}; the model masks padding as id 0, so [PAD] "
+            "must be the first entry"
+        )
+    return vocab
+
+
+@functools.cache
+def _tokenizer(path: str, lower_case: bool):
+    """(transformers BertTokenizerFast, [CLS] id, [SEP] id) for the vocabulary file ``path``; built once."""
+    vocab = read_vocab(path)
+    BertTokenizerFast = transformers_class("BertTokenizerFast")  # noqa: N806 - a class
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        # transformers 5: ``vocab`` (a dict); its ``vocab_file`` keyword is ignored (a 5-token default vocabulary)
+        tok = BertTokenizerFast(vocab=vocab, do_lower_case=lower_case)
+    elif path.endswith(".json"):  # transformers 4
+        tok = BertTokenizerFast(tokenizer_file=path, do_lower_case=lower_case)
+    else:
+        tok = BertTokenizerFast(vocab_file=path, do_lower_case=lower_case)
+    return tok, vocab["[CLS]"], vocab["[SEP]"]
+
+
+def wordpiece_tokenize(
+    texts: str | Sequence[str], context_length: int, vocab: str | os.PathLike, lower_case: bool = True
+) -> np.ndarray:
+    """Token ids, int32 (N, context_length): [CLS] + pieces + [SEP], 0-padded.
+
+    Args:
+      texts: one sentence or several.
+      context_length: ids per row, [CLS] and [SEP] included (>= 2); longer sentences keep their first
+        ``context_length - 2`` pieces, and one ``TruncationWarning`` per call gives how many were cut.
+      vocab: a ``vocab.txt``, or a folder holding one (or a ``tokenizer.json``).
+      lower_case: BERT's ``do_lower_case`` (True for the ``*-uncased`` models, which also strips accents).
+
+    Raises:
+      VocabularyMissingError: no vocabulary at ``vocab`` (one line naming the path).
+      VocabularyError: an unreadable vocabulary, or one whose [PAD] is not id 0.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 ([CLS] and [SEP]), got {context_length}")
+    tok, cls, sep = _tokenizer(vocab_file(vocab), bool(lower_case))
+    out = np.zeros((len(texts), context_length), np.int32)
+    if not texts:
+        return out
+    encoded = tok(list(texts), add_special_tokens=False)["input_ids"]
+    keep, truncated = context_length - 2, 0
+    for i, ids in enumerate(encoded):
+        truncated += len(ids) > keep
+        row = [cls, *ids[:keep], sep]
+        out[i, : len(row)] = row
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(texts)} sentences truncated to the word length {context_length} "
+            f"({keep} WordPiece tokens + [CLS] and [SEP])",
+            TruncationWarning,
+            stacklevel=2,
+        )
+    return out

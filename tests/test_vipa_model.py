@@ -1,0 +1,153 @@
+"""VIPA as a configuration of the library: ``config.model.family = "vipa"`` builds it (configs/vipa_tiny.py, its quick
+variant), its ablation switches change exactly the parts they name, WordPiece ids reach it through the data
+pipeline, and it goes through the same train / eval / predict commands as WIMFRIS."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.preprocess import preprocess_eval
+from data_pipeline.synthetic import SyntheticRefer
+from wimfris_jax.cli import main
+from wimfris_jax.config import ConfigError, load_config
+from wimfris_jax.evaluate import data_settings
+from wimfris_jax.model import build_model, loss_fn
+from wimfris_jax.summary import abstract_params, count_params
+from wimfris_jax.vipa.model import to_imagenet
+
+QUICK = "configs/vipa_tiny.py:quick"
+IDS = jnp.array([[2, 5, 7, 9, 3, 0], [2, 6, 3, 0, 0, 0]], jnp.int32)  # [CLS] words [SEP] [PAD]...
+SHAPE = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+
+
+def _abstract(**overrides):
+    config = load_config(QUICK)
+    for key, value in overrides.items():
+        group, _, leaf = key.rpartition(".")
+        (config.model[group] if group else config.model)[leaf] = value
+    model = build_model(config.model)
+    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, IDS, train=False), SHAPE)["params"]
+    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, IDS, train=False), params, SHAPE)
+    return params, out
+
+
+def test_vipa_outputs_and_loss():
+    config = load_config(QUICK)
+    model = build_model(config.model)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = jax.jit(lambda r, x, t: model.init(r, x, t, train=False))(jax.random.PRNGKey(0), images, IDS)
+    train = jax.jit(lambda v, x, t, r: model.apply(v, x, t, train=True, rngs={"dropout": r}))
+    out = train(variables, images, IDS, jax.random.PRNGKey(2))
+    assert out["logits"].shape == (2, 16, 16) and out["global_logits"].shape == (2, 2, 2)
+    assert out["state"].shape == (2, 64) and float(jnp.std(out["logits"])) > 1e-4
+    loss, aux = loss_fn(config.model, out, jnp.zeros((2, 16, 16)))
+    assert np.isfinite(float(loss)) and set(aux) == {"loss_bce", "loss_dice", "loss_pixel_contrast"}
+    # evaluation: no Gumbel noise, so two calls agree and no rng is needed
+    evaluate = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))
+    np.testing.assert_array_equal(
+        evaluate(variables, images, IDS)["logits"], evaluate(variables, images, IDS)["logits"]
+    )
+
+
+def test_default_parameters_per_part():
+    params, out = _abstract()
+    assert set(params) == {
+        "text_encoder", "image_encoder", "veg", "decoder", "text_cross_1", "text_cross_2",  # quick: 2 text stages used
+        "text_cross_3", *(f"vision_fusion_{i}" for i in range(4)), *(f"stage_norm_{i}" for i in range(4)),
+    }  # fmt: skip
+    assert out["logits"].shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "overrides, absent, present",
+    [
+        ({"fusion": "none"}, {"vision_fusion_0", "text_cross_1", "vision_fusion_3"}, set()),
+        ({"fusion": "late"}, {"vision_fusion_0", "text_cross_1"}, {"vision_fusion_3", "text_cross_late"}),
+        ({"veg.refine": False}, set(), set()),
+    ],
+)
+def test_fusion_switches_change_only_their_parts(overrides, absent, present):
+    params, out = _abstract(**overrides)
+    assert absent.isdisjoint(params) and present <= set(params)
+    assert out["logits"].shape == (2, 16, 16)
+    if "veg.refine" in overrides:
+        assert not {"refine_attn", "refine_mlp"} & set(params["veg"])
+
+
+def test_key_value_switch_changes_the_logits():
+    """Table V: the decoder reads the visual expression, or the words (projected to its width) after the fusion
+    ("advanced") or before it ("vanilla"); the two word sets share every weight, so only the switch differs."""
+    params, _ = _abstract(key_value="ve")
+    assert "le_proj" not in params
+    config = load_config(QUICK)
+    config.model.key_value = "advanced_le"
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = jax.jit(lambda r: build_model(config.model).init(r, images, IDS, train=False))(jax.random.PRNGKey(0))
+    assert variables["params"]["le_proj"]["kernel"].shape == (64, 32)
+    outs = {}
+    for kv in ("advanced_le", "vanilla_le"):
+        config.model.key_value = kv
+        outs[kv] = jax.jit(build_model(config.model).apply)(variables, images, IDS)["logits"]
+    assert float(jnp.abs(outs["advanced_le"] - outs["vanilla_le"]).max()) > 1e-5
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fusion", "mid", r"config.model.fusion='mid': choose one of \['early', 'late', 'none'\]"),
+        ("key_value", "le", r"config.model.key_value='le'"),
+        ("text_stages", (6, 6, 6, 6), r"text_stages=\[6, 6, 6, 6\]: need 4 stages .* at most 2 BERT layers"),
+    ],
+)
+def test_bad_switch_is_one_line(key, value, message):
+    config = load_config(QUICK)
+    config.model[key] = value
+    with pytest.raises(ConfigError, match=message):
+        build_model(config.model)
+
+
+def test_vipa_b_summary_counts():
+    config = load_config("configs/vipa_b.py")
+    counts = count_params(abstract_params(config.model), tuple(config.train.trainable))
+    assert 86e6 < counts["vision backbone"] < 88e6  # Swin-B without its classifier
+    assert 109e6 < counts["text backbone"] < 110e6  # BERT-base with its pooler
+    assert counts["VEG (VIPA)"] > 0 and counts["trainable"] == counts["total"]
+
+
+def test_wordpiece_ids_and_imagenet_statistics_reach_the_model():
+    config = load_config(QUICK)
+    settings = data_settings(config)
+    assert settings["tokenizer"].startswith("wordpiece:")
+    example = SyntheticRefer(1, image_size=64, seed=0)[0]
+    record = preprocess_eval(example, **settings)
+    ids = record["ids"]
+    assert ids[0] == 2 and 3 in ids and ids.shape == (10,)  # [CLS] ... [SEP] in the synthetic vocabulary
+    assert (ids[list(ids).index(3) + 1 :] == 0).all()
+    # the CLIP-normalised pixels come back to ImageNet's statistics exactly
+    raw = np.random.default_rng(0).uniform(0, 1, (1, 2, 2, 3)).astype(np.float32)
+    clip = (raw - [0.48145466, 0.4578275, 0.40821073]) / [0.26862954, 0.26130258, 0.27577711]
+    want = (raw - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(to_imagenet(jnp.asarray(clip, jnp.float32)), want, atol=1e-5)
+
+
+@pytest.mark.slow  # compilation dominates (train, eval and predict each compile the model)
+def test_vipa_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    sets = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=3", "--set", "train.log_every=1"]
+    assert main(["train", "--config", QUICK, "--workdir", run, *sets]) == 0
+    with open(f"{run}/metrics.jsonl", encoding="utf-8") as f:
+        losses = [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", run, "--split", "val", "--json", f"{tmp_path}/scores.json"]) == 0
+    with open(f"{tmp_path}/scores.json", encoding="utf-8") as f:
+        assert json.load(f)["results"]["val"]["n"] == 16  # the quick demo's validation scenes
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", run, "--image", str(image), "--text", "the leftmost red circle",
+                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())

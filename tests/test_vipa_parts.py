@@ -1,0 +1,147 @@
+"""VIPA's parts alone (no backbone): the VEG's retrieval (eqs. 1-3) and its masks, the early-fusion layers, the
+decoder, the loss and the polynomial schedule. Invariances: what is masked cannot change the output."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from wimfris_jax.config import ConfigError
+from wimfris_jax.losses import contrastive_loss, dice_loss
+from wimfris_jax.train.optim import make_optimizer
+from wimfris_jax.vipa.decoder import VipaDecoder
+from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion, instance_norm
+from wimfris_jax.vipa.losses import to_mask_size, vipa_loss
+from wimfris_jax.vipa.veg import VEG, cue_mask, retrieval_mask
+
+B, H, W, C, L, D = 2, 4, 5, 12, 6, 16
+PAD = jnp.array([[False] * 4 + [True] * 2, [False] * 6])  # row 0: [CLS] + 3 words + 2 padding
+
+
+def rand(key: int, *shape: int) -> jnp.ndarray:
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def test_retrieval_mask_is_top_k_forward_and_softmax_backward():
+    scores = rand(0, B, L, 20)
+    m = retrieval_mask(scores, 0.3, jnp.float32(0.5), None)
+    k = math.ceil(0.3 * 20)
+    np.testing.assert_array_equal(np.asarray(m).sum(-1), k)  # exactly k tokens per cue (distinct scores)
+    top = np.argsort(-np.asarray(scores), axis=-1)[..., :k]
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(m), top, -1), 1.0)
+    # straight-through: the gradient is the softmax's (non-zero), the forward stays exactly {0, 1}
+    g = jax.grad(lambda s: (retrieval_mask(s, 0.3, jnp.float32(0.5), None) * rand(1, B, L, 20)).sum())(scores)
+    assert float(jnp.abs(g).max()) > 1e-3
+    # Gumbel noise changes the selection (training), never the count
+    noisy = retrieval_mask(scores, 0.3, jnp.float32(0.5), jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(noisy).sum(-1), k)
+    assert not np.array_equal(np.asarray(noisy), np.asarray(m))
+
+
+def test_cue_masks():
+    np.testing.assert_array_equal(cue_mask(PAD, "both"), ~PAD)
+    np.testing.assert_array_equal(cue_mask(PAD, "global"), np.eye(1, L, dtype=bool).repeat(B, 0))
+    np.testing.assert_array_equal(cue_mask(PAD, "local")[:, 0], False)
+    np.testing.assert_array_equal(cue_mask(PAD, "local")[:, 1:], ~PAD[:, 1:])
+    with pytest.raises(ValueError, match="cues='words'"):
+        cue_mask(PAD, "words")
+
+
+def _veg(**kw):
+    veg = VEG(dim=D, num_heads=2, **kw)
+    v, words = rand(1, B, H, W, C), rand(2, B, L, 24)
+    params = veg.init(jax.random.key(0), v, words, PAD)
+    return veg, params, v, words
+
+
+def test_veg_shapes_and_padded_words_are_invisible():
+    veg, params, v, words = _veg()
+    out = veg.apply(params, v, words, PAD)
+    assert out["expression"].shape == (B, L, D) and out["global_logits"].shape == (B, H, W)
+    np.testing.assert_array_equal(out["expression_mask"], ~PAD)
+    np.testing.assert_array_equal(out["retrieved"].sum(-1), math.ceil(0.3 * H * W))
+    other = words.at[0, 4:].set(rand(9, 2, 24))  # new content in row 0's padding
+    again = veg.apply(params, v, other, PAD)
+    np.testing.assert_allclose(again["expression"][0, :4], out["expression"][0, :4], atol=1e-6)
+    np.testing.assert_allclose(again["global_logits"], out["global_logits"], atol=1e-6)
+    assert float(jnp.abs(again["expression"][0, 4:] - out["expression"][0, 4:]).max()) > 1e-4
+
+
+def test_veg_full_ratio_equals_no_retrieval():
+    veg, params, v, words = _veg(ratio=1.0)
+    off = VEG(dim=D, num_heads=2, ratio=1.0, retrieve=False)
+    a, b = veg.apply(params, v, words, PAD), off.apply(params, v, words, PAD)
+    np.testing.assert_allclose(a["expression"], b["expression"], atol=1e-5)
+
+
+def test_veg_train_draws_noise_and_refine_switch():
+    veg, params, v, words = _veg()
+    out = veg.apply(params, v, words, PAD, train=True, rngs={"dropout": jax.random.key(5)})
+    assert np.isfinite(np.asarray(out["expression"])).all()
+    plain = VEG(dim=D, num_heads=2, refine=False)
+    p2 = plain.init(jax.random.key(0), v, words, PAD)["params"]
+    assert "refine_attn" in params["params"] and "refine_attn" not in p2
+
+
+def test_fusion_starts_as_identity_and_ignores_padding():
+    v, words = rand(1, B, H, W, C), rand(2, B, L, 24)
+    fusion = VisionLanguageFusion(dim=8, num_heads=2)
+    params = fusion.init(jax.random.key(0), v, words, PAD)
+    out, r = fusion.apply(params, v, words, PAD)
+    np.testing.assert_array_equal(out, v)  # zero-initialised gate: the pretrained stage passes unchanged
+    assert r.shape == v.shape and float(jnp.abs(r).max()) > 0
+    _, r2 = fusion.apply(params, v, words.at[0, 4:].set(0.0), PAD)
+    np.testing.assert_allclose(r2, r, atol=1e-6)
+    x = rand(3, 2, 7, 5)
+    np.testing.assert_allclose(instance_norm(x).mean(1), 0, atol=1e-6)
+    np.testing.assert_allclose(instance_norm(x).var(1), 1, atol=1e-3)
+
+
+def test_text_cross_layer_reads_the_vision_tokens():
+    words, vision = rand(1, B, L, 24), rand(2, B, H, W, C)
+    layer = TextCrossLayer(num_heads=2)
+    params = layer.init(jax.random.key(0), words, vision)
+    a = layer.apply(params, words, vision)
+    b = layer.apply(params, words, vision * 2.0)
+    assert a.shape == words.shape and float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_decoder_shapes_and_masked_keys():
+    feats = [rand(i, B, 16 // 2**i, 16 // 2**i, 8 * 2**i) for i in range(4)]
+    kv, mask = rand(7, B, L, D), ~PAD
+    dec = VipaDecoder(dim=D, num_heads=2)
+    params = dec.init(jax.random.key(0), feats, kv, mask)
+    out = dec.apply(params, feats, kv, mask)
+    assert out.shape == (B, 16, 16) and out.dtype == jnp.float32
+    np.testing.assert_allclose(dec.apply(params, feats, kv.at[0, 4:].set(0.0), mask), out, atol=1e-5)
+
+
+def test_vipa_loss_parts():
+    logits, glob = rand(1, B, 4, 4), rand(2, B, 2, 2)
+    mask = (rand(3, B, 8, 8) > 0).astype(jnp.float32)
+    loss, parts = vipa_loss(logits, glob, mask, (1.0, 2.0, 0.5))
+    fg = to_mask_size(logits, mask)
+    want = contrastive_loss(fg, mask) + 2 * dice_loss(fg, mask) + 0.5 * contrastive_loss(to_mask_size(glob, mask), mask)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert set(parts) == {"loss_bce", "loss_dice", "loss_pixel_contrast"}
+    _, parts = vipa_loss(logits, glob, mask, (1.0, 1.0, 0.0))  # Table VIII "w/o supervision"
+    assert "loss_pixel_contrast" not in parts
+
+
+def test_poly_schedule_and_bad_schedule():
+    cfg = ConfigDict(dict(lr=1e-3, epochs=2, lr_schedule="poly", lr_power=0.9, weight_decay=1e-2))
+    _, schedule = make_optimizer(cfg, steps_per_epoch=5)
+    for c in (0, 3, 9):
+        np.testing.assert_allclose(schedule(c), 1e-3 * (1 - c / 10) ** 0.9, rtol=1e-5)
+    assert float(schedule(10)) == 0.0
+    tx, _ = make_optimizer(cfg, steps_per_epoch=5)
+    assert isinstance(tx, optax.GradientTransformation)
+    cfg.lr_schedule = "cosine"
+    with pytest.raises(ConfigError, match="lr_schedule='cosine'"):
+        make_optimizer(cfg, steps_per_epoch=5)

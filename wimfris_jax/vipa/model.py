@@ -1,0 +1,177 @@
+"""The VIPA network (Cho et al., Fig. 2): Swin + BERT with CrossVLT's stage-wise early fusion, the Visual Expression
+Generator, and a decoder whose vision queries attend to the visual expression.
+
+    images (B, S, S, 3) CLIP-normalised -> ImageNet-normalised (Swin's pretraining statistics; exact affine map)
+    ids (B, L) WordPiece [CLS] ... [SEP], 0 = [PAD]
+    text stage 0: BERT embeddings + layers [0, n_0)                            (B, L, 768)
+    x = Swin embed(images)                                                     (B, S/4, S/4, C)
+    for stage i = 0..3:
+        i > 0: words = TextCrossLayer_i(words, x) then BERT layers of text stage i (x: stage i's merged input)
+        v = Swin stage i(x);  v, r = VisionLanguageFusion_i(v, words)          (B, h_i, w_i, C_i)
+        F_i = LN_i(r)  (CrossVLT's per-stage output norm);  x = Swin merge_i(v) for i < 3
+    VEG(F_4, words) -> visual expression E_V (B, L, D), pixel-contrastive logits (B, h_4, w_4)       eqs. (1)-(7)
+    VipaDecoder(F_1..F_4, E_V) -> logits (B, S/4, S/4)                                               eq. (8)
+
+Switches (Tables V-VII; docs/VIPA.md "Ablation switches"): ``fusion`` "early" | "late" (one fusion of the last
+stage's features and the final words) | "none"; ``key_value`` "ve" | "advanced_le" (the fused words) |
+"vanilla_le" (the words of text stage 0, before any cross-attention); the VEG's own (ratio, cues, retrieve, refine).
+Parameter names: "text_encoder", "image_encoder" (as converted), "text_cross_<i>", "vision_fusion_<i>",
+"stage_norm_<i>", "veg", "decoder" ("le_proj", the words' projection to the decoder width, for the "le" switches).
+
+Outputs: "logits" (B, S/4, S/4), "global_logits" (B, h_4, w_4), "state" (B, 768) the sentence feature: BERT's
+pooler on the final [CLS] token when the text tower has one (bert-base-uncased does), else that token itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from wimfris_jax.backbones.bert import Bert, bert_config
+from wimfris_jax.backbones.swin import Swin, swin_config
+from wimfris_jax.backbones.vit import layer_norm
+from wimfris_jax.config import ConfigError, expand_preset
+from wimfris_jax.vipa.decoder import VipaDecoder
+from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion
+from wimfris_jax.vipa.losses import vipa_loss
+from wimfris_jax.vipa.veg import CUES, VEG
+
+FUSIONS = ("early", "late", "none")
+KEY_VALUES = ("ve", "advanced_le", "vanilla_le")
+# data_pipeline.preprocess normalises with CLIP's statistics; Swin was pretrained with ImageNet's
+CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def to_imagenet(images: jnp.ndarray) -> jnp.ndarray:
+    """(x - m_clip) / s_clip -> (x - m_in) / s_in, elementwise per channel (B, S, S, 3)."""
+    scale = (CLIP_STD / IMAGENET_STD).astype(np.float32)
+    shift = ((CLIP_MEAN - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    return images * scale.astype(images.dtype) + shift.astype(images.dtype)
+
+
+class VIPA(nn.Module):
+    """VIPA; build it with :func:`build_vipa`.
+
+    Attributes:
+      text_encoder: Bert (run layer by layer); image_encoder: Swin (stage by stage); veg: VEG; decoder: VipaDecoder.
+      text_stages: BERT layers per text stage (sums to at most the BERT depth), one stage per Swin stage.
+      fusion, key_value: the switches of the module docstring; fusion_heads: TextCrossLayer heads.
+      logits_only: as :class:`wimfris_jax.model.Wimfris` (evaluation mode, the logits alone, when ``train`` is None).
+    """
+
+    text_encoder: nn.Module
+    image_encoder: nn.Module
+    veg: nn.Module
+    decoder: nn.Module
+    text_stages: tuple[int, ...] = (6, 2, 2, 2)
+    fusion: str = "early"
+    key_value: str = "ve"
+    fusion_heads: int = 12
+    logits_only: bool = False
+
+    def _fuse(self, i: int, v: jnp.ndarray, words: jnp.ndarray, pad: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        return VisionLanguageFusion(dtype=self.image_encoder.dtype, name=f"vision_fusion_{i}")(v, words, pad)
+
+    def _cross(self, name: str, words: jnp.ndarray, vision: jnp.ndarray) -> jnp.ndarray:
+        bert = self.text_encoder
+        return TextCrossLayer(self.fusion_heads, bert.mlp_dim, bert.ln_eps, bert.dtype, bert.attention, name=name)(
+            words, vision
+        )
+
+    @nn.compact
+    def __call__(
+        self, images: jnp.ndarray, ids: jnp.ndarray, *, train: bool | None = None
+    ) -> dict[str, jnp.ndarray] | jnp.ndarray:
+        """images (B, S, S, 3) CLIP-normalised; ids (B, L) int32, 0 = padding -> dict (module docstring), or the
+        logits (B, S/4, S/4) alone when ``logits_only`` and ``train`` is not given."""
+        logits_only = self.logits_only and train is None
+        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
+            raise ValueError(f"VIPA expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
+        bert, swin, n = self.text_encoder, self.image_encoder, len(self.image_encoder.depths)
+        pad = ids == 0
+        bounds = np.cumsum((0, *self.text_stages))
+        words = bert.embed(ids)
+        for j in range(bounds[0], bounds[1]):
+            words = bert.layer(j, words, pad)
+        vanilla = words
+        x = swin.embed(to_imagenet(images))
+        feats = []
+        for i in range(n):
+            if i > 0:
+                if self.fusion == "early":
+                    words = self._cross(f"text_cross_{i}", words, x)
+                for j in range(bounds[i], bounds[i + 1]):
+                    words = bert.layer(j, words, pad)
+            v = swin.blocks(i, x, train=bool(train))
+            out = v
+            if self.fusion == "early" or (self.fusion == "late" and i == n - 1):
+                v, out = self._fuse(i, v, words, pad)
+            feats.append(layer_norm(1e-5, swin.dtype, f"stage_norm_{i}")(out))
+            if i < n - 1:
+                x = swin.downsample(i, v)
+        if self.fusion == "late":
+            words = self._cross("text_cross_late", words, feats[-1])
+        veg = self.veg(feats[-1], words, pad, train=bool(train))
+        if self.key_value == "ve":
+            kv, kv_mask = veg["expression"], veg["expression_mask"]
+        else:  # Table V's language key-value sets, projected to the decoder's width
+            kv = nn.Dense(self.decoder.dim, dtype=bert.dtype, name="le_proj")(
+                words if self.key_value == "advanced_le" else vanilla
+            )
+            kv_mask = ~pad
+        logits = self.decoder(feats, kv, kv_mask)
+        if logits_only:
+            return logits
+        state = bert.pool(words) if bert.pooler else words[:, 0]
+        return {"logits": logits, "global_logits": veg["global_logits"], "state": state}
+
+
+def _choice(cfg: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = cfg.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"config.model.{key}={value!r}: choose one of {sorted(choices)}")
+    return value
+
+
+def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> VIPA:
+    """The VIPA module for ``config.model`` (configs/vipa_b.py documents the keys): ``text`` Bert fields or
+    ``{"preset": "base"}``, ``vision`` Swin fields or ``{"preset": "base"}``, ``text_stages``, ``fusion``,
+    ``key_value``, ``veg`` (VEG fields), ``decoder`` (VipaDecoder fields). ``remat_mode`` rematerialises the
+    backbones' blocks."""
+    cfg = model_config
+    text = Bert(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.text, bert_config))
+    vision = Swin(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.vision, swin_config))
+    stages = tuple(int(s) for s in cfg.get("text_stages", (6, 2, 2, 2)))
+    if len(stages) != len(vision.depths) or sum(stages) > text.depth or min(stages) < 0:
+        raise ConfigError(
+            f"config.model.text_stages={list(stages)}: need {len(vision.depths)} stages (one per Swin stage) of at "
+            f"most {text.depth} BERT layers in all"
+        )
+    veg = dict(cfg.get("veg") or {})
+    if veg.get("cues", "both") not in CUES:
+        raise ConfigError(f"config.model.veg.cues={veg['cues']!r}: choose one of {list(CUES)}")
+    if not 0.0 < float(veg.get("ratio", 0.3)) <= 1.0:
+        raise ConfigError(f"config.model.veg.ratio={veg['ratio']!r}: the retrieved share r must be in (0, 1]")
+    dec = dict(cfg.get("decoder") or {})
+    return VIPA(
+        text_encoder=text,
+        image_encoder=vision,
+        veg=VEG(dtype=dtype, **veg),
+        decoder=VipaDecoder(dtype=dtype, **dec),
+        text_stages=stages,
+        fusion=_choice(cfg, "fusion", "early", FUSIONS),
+        key_value=_choice(cfg, "key_value", "ve", KEY_VALUES),
+        fusion_heads=int(cfg.get("fusion_heads", text.num_heads)),
+    )
+
+
+def vipa_loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
+    """BCE + Dice on the logits + the pixel-contrastive loss of eq. (4) (weights ``loss_weights`` = (bce, dice,
+    contrastive), (1, 1, 1)); mask (B, Hm, Wm)."""
+    weights = tuple(model_config.get("loss_weights", (1.0, 1.0, 1.0)))
+    return vipa_loss(outputs["logits"], outputs["global_logits"], mask, weights)
