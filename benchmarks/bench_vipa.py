@@ -78,8 +78,8 @@ def bench_bert(repeats: int) -> tuple[float, float]:
 
 def bench_vipa(repeats: int) -> tuple[float, float]:
     """(ours ms, XLA's GFLOPs): configs/vipa_b.py's model forward in evaluation mode (logits only), random weights;
-    the FLOPs are XLA's cost analysis of the compiled forward (a multiply-add counts 2, as the paper's 431 GFLOPs
-    presumably do not: fvcore-style counters report multiply-adds)."""
+    the FLOPs are XLA's cost analysis of the compiled forward (a multiply-add counts 2; the paper does not say how
+    its 431 GFLOPs count, and fvcore-style counters report multiply-adds)."""
     config = load_config("configs/vipa_b.py")
     model = build_model(config.model).clone(logits_only=True)
     images = jax.random.normal(jax.random.PRNGKey(1), (1, SIZE, SIZE, 3))

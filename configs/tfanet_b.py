@@ -3,8 +3,8 @@ after each of the four VMamba stages, WFDM decoder; 480x480, RefCOCO by default.
 
 Sizes the paper does not give follow its ancestor ReMamber where it is explicit (VMamba-B 0229, CLIP-L/14 text,
 480 px, batch 8, 50 epochs, AdamW with weight decay 1e-4) and docs/TFANET.md elsewhere (MLAM width = the stage
-width, fusion width 256, WFDM width 256, two score maps). Everything trains (ReMamber fine-tunes both towers; it
-gives them half the decoder's learning rate, here one rate for all). The learning rate decays x0.1 at epoch 25
+width, fusion width 256, WFDM width 256, two score maps). Everything trains, the two towers at half the rate
+(ReMamber: 2.5e-5 for the backbones, 5e-5 for the rest; ``train.lr_scale``). The learning rate decays x0.1 at epoch 25
 ("decayed starting from the 25th epoch", Sec. 4.1). Loss: BCE + Dice.
 
 Run::
@@ -59,5 +59,7 @@ def model_config(*, image_size: int = 480, vision=None, text=None, level=None, d
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
     config = common.referring_config(model_config(), arg, global_batch_size=8, lr=5e-5, patch_size=16)
-    config.train.update(lr_milestones=(25,), weight_decay=1e-4, trainable=(".*",))
+    config.train.update(
+        lr_milestones=(25,), weight_decay=1e-4, trainable=(".*",), lr_scale=(("^(text|image)_encoder/", 0.5),)
+    )
     return config

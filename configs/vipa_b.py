@@ -4,7 +4,8 @@ fusion, the Visual Expression Generator (r = 30%) and the visual-expression deco
 The paper's recipe (Sec. IV-A): everything trains, AdamW lr 3e-5 with polynomial decay (power 0.9 per update, as
 CrossVLT), 40 epochs, batch 16, at most 21 WordPiece tokens with [CLS]; BCE + Dice + the pixel-contrastive loss
 (Table VIII). Where the paper is silent (text stages 6/2/2/2 over all 12 BERT layers, widths 256, weight decay
-1e-2 as CrossVLT, loss weights 1/1/1, ...): docs/VIPA.md.
+1e-2 as CrossVLT, spared on Swin's norms and relative-position tables as there, loss weights 1/1/1, ...):
+docs/VIPA.md.
 
 Run::
 
@@ -39,7 +40,7 @@ def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(
             image_size=image_size,
             word_len=21,  # VIPA: 21 tokens with [CLS], every dataset
             text=dict(text or {"preset": "base", "pooler": True}),  # the pooler as bert-base-uncased ships it
-            vision=dict(vision or {"preset": "base"}),
+            vision=dict(vision or {"preset": "base", "drop_path_rate": 0.3}),  # CrossVLT's stochastic depth
             text_stages=tuple(text_stages),
             fusion="early",  # early | late | none (Table VII)
             key_value="ve",  # ve | advanced_le | vanilla_le (Table V)
@@ -55,6 +56,8 @@ def get_config(arg: str | None = None):
     config = common.referring_config(model_config(), arg, global_batch_size=16, lr=3e-5, patch_size=16)
     config.model.word_len = 21  # the dataset's DETRIS length does not apply (data.word_len follows)
     config.data.tokenizer = "wordpiece:bert-base-uncased/vocab.txt"  # the vocab.txt beside your BERT weights
-    config.train.update(epochs=40, lr_schedule="poly", lr_power=0.9, lr_milestones=(), weight_decay=1e-2,
-                        trainable=(".*",))  # fmt: skip
+    config.train.update(
+        epochs=40, lr_schedule="poly", lr_power=0.9, lr_milestones=(), weight_decay=1e-2, trainable=(".*",),
+        no_decay=("^image_encoder/.*norm", "relative_position_bias_table"),  # CrossVLT's no-decay group (Swin's)
+    )  # fmt: skip
     return config

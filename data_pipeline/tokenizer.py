@@ -168,14 +168,19 @@ def tokenize(texts: str | Sequence[str], context_length: int) -> np.ndarray:
             ids = ids[: n or keep]
         row = [sot, *ids, eot]
         out[i, : len(row)] = row
+    warn_truncated(truncated, len(texts), context_length, f"{keep} tokens + SOT and EOT")
+    return out
+
+
+def warn_truncated(truncated: int, total: int, context_length: int, detail: str) -> None:
+    """One :class:`TruncationWarning` for a tokenizer call that cut ``truncated`` of ``total`` sentences (none: no
+    warning), attributed to the caller's caller."""
     if truncated:
         warnings.warn(
-            f"{truncated} of {len(texts)} sentences truncated to the word length {context_length} "
-            f"({keep} tokens + SOT and EOT)",
+            f"{truncated} of {total} sentences truncated to the word length {context_length} ({detail})",
             TruncationWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return out
 
 
 class TokenizerSpecError(UserError, ValueError):

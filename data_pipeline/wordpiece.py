@@ -19,12 +19,11 @@ import functools
 import inspect
 import json
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.tokenizer import TruncationWarning, VocabularyMissingError, transformers_class
+from data_pipeline.tokenizer import VocabularyMissingError, transformers_class, warn_truncated
 from wimfris_jax.errors import UserError
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
@@ -118,11 +117,5 @@ def wordpiece_tokenize(
         truncated += len(ids) > keep
         row = [cls, *ids[:keep], sep]
         out[i, : len(row)] = row
-    if truncated:
-        warnings.warn(
-            f"{truncated} of {len(texts)} sentences truncated to the word length {context_length} "
-            f"({keep} WordPiece tokens + [CLS] and [SEP])",
-            TruncationWarning,
-            stacklevel=2,
-        )
+    warn_truncated(truncated, len(texts), context_length, f"{keep} WordPiece tokens + [CLS] and [SEP]")
     return out

@@ -1,15 +1,13 @@
 """TFANet as a configuration of the library: ``config.model.family = "tfanet"`` builds it, and it goes through the
 same train / eval / predict commands as WIMFRIS (configs/tfanet_tiny.py, its quick variant)."""
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from family_cli import train_eval_predict
 
-from wimfris_jax.cli import main
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.model import build_model, loss_fn
 from wimfris_jax.summary import abstract_params, count_params
@@ -51,21 +49,7 @@ def test_bad_family_is_one_line():
 
 @pytest.mark.slow  # ~2.5 min of compilation alone on 2 cores: in the slow set
 def test_tfanet_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
-    run = str(tmp_path / "run")
-    sets = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=3", "--set", "train.log_every=1"]
-    assert main(["train", "--config", QUICK, "--workdir", run, *sets]) == 0
-    with open(f"{run}/metrics.jsonl", encoding="utf-8") as f:
-        losses = [row["train/loss"] for row in map(json.loads, f) if "train/loss" in row]
-    assert len(losses) == 3 and all(np.isfinite(losses))
-    capsys.readouterr()
-    assert main(["eval", "--checkpoint", run, "--split", "val", "--json", f"{tmp_path}/scores.json"]) == 0
-    with open(f"{tmp_path}/scores.json", encoding="utf-8") as f:
-        assert json.load(f)["results"]["val"]["n"] == 16  # the quick demo's validation scenes
-    image = tmp_path / "scene.png"
-    Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
-    assert main(["predict", "--checkpoint", run, "--image", str(image), "--text", "the red circle",
-                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
-    assert any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
+    train_eval_predict(QUICK, tmp_path, capsys, "the red circle")
 
 
 # Table 3's rows as overrides (configs/tfanet_b.py docstring): (level.attention, level.mixer, decoder.kind).

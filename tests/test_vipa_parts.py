@@ -56,18 +56,19 @@ def test_cue_masks():
 def _veg(**kw):
     veg = VEG(dim=D, num_heads=2, **kw)
     v, words = rand(1, B, H, W, C), rand(2, B, L, 24)
-    params = veg.init(jax.random.key(0), v, words, PAD)
+    params = jax.jit(veg.init)(jax.random.key(0), v, words, PAD)
     return veg, params, v, words
 
 
 def test_veg_shapes_and_padded_words_are_invisible():
     veg, params, v, words = _veg()
-    out = veg.apply(params, v, words, PAD)
+    apply = jax.jit(veg.apply)
+    out = apply(params, v, words, PAD)
     assert out["expression"].shape == (B, L, D) and out["global_logits"].shape == (B, H, W)
     np.testing.assert_array_equal(out["expression_mask"], ~PAD)
     np.testing.assert_array_equal(out["retrieved"].sum(-1), math.ceil(0.3 * H * W))
     other = words.at[0, 4:].set(rand(9, 2, 24))  # new content in row 0's padding
-    again = veg.apply(params, v, other, PAD)
+    again = apply(params, v, other, PAD)
     np.testing.assert_allclose(again["expression"][0, :4], out["expression"][0, :4], atol=1e-6)
     np.testing.assert_allclose(again["global_logits"], out["global_logits"], atol=1e-6)
     assert float(jnp.abs(again["expression"][0, 4:] - out["expression"][0, 4:]).max()) > 1e-4
@@ -116,10 +117,11 @@ def test_decoder_shapes_and_masked_keys():
     feats = [rand(i, B, 16 // 2**i, 16 // 2**i, 8 * 2**i) for i in range(4)]
     kv, mask = rand(7, B, L, D), ~PAD
     dec = VipaDecoder(dim=D, num_heads=2)
-    params = dec.init(jax.random.key(0), feats, kv, mask)
-    out = dec.apply(params, feats, kv, mask)
+    params = jax.jit(dec.init)(jax.random.key(0), feats, kv, mask)
+    apply = jax.jit(dec.apply)
+    out = apply(params, feats, kv, mask)
     assert out.shape == (B, 16, 16) and out.dtype == jnp.float32
-    np.testing.assert_allclose(dec.apply(params, feats, kv.at[0, 4:].set(0.0), mask), out, atol=1e-5)
+    np.testing.assert_allclose(apply(params, feats, kv.at[0, 4:].set(0.0), mask), out, atol=1e-5)
 
 
 def test_vipa_loss_parts():
@@ -145,3 +147,22 @@ def test_poly_schedule_and_bad_schedule():
     cfg.lr_schedule = "cosine"
     with pytest.raises(ConfigError, match="lr_schedule='cosine'"):
         make_optimizer(cfg, steps_per_epoch=5)
+
+
+def test_no_decay_and_lr_scale_groups():
+    """VIPA's no-decay group and TFANet's backbone rate: one step of AdamW on zero gradients is pure decay, so each
+    parameter moves by -lr * scale * wd * p where it decays and stays where it does not."""
+    params = {
+        "image_encoder": {"norm1": {"scale": jnp.ones(3)}, "fc": {"kernel": jnp.ones(3)}},
+        "decoder": {"w": jnp.ones(3)},
+    }
+    cfg = ConfigDict(dict(lr=0.1, epochs=1, weight_decay=0.5, no_decay=("norm",), lr_scale=(("^image_encoder/", 0.5),)))
+    tx, _ = make_optimizer(cfg, steps_per_epoch=10)
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["image_encoder"]["norm1"]["scale"], 0.0)
+    np.testing.assert_allclose(updates["image_encoder"]["fc"]["kernel"], -0.1 * 0.5 * 0.5)
+    np.testing.assert_allclose(updates["decoder"]["w"], -0.1 * 0.5)
+    cfg.no_decay = ("nrom",)
+    tx, _ = make_optimizer(cfg, steps_per_epoch=10)
+    with pytest.raises(ConfigError, match="config.train.no_decay: pattern 'nrom' matches no trainable parameter"):
+        tx.init(params)

@@ -5,15 +5,23 @@ DETRIS (config/*.yaml, train.py; docs/detris_code.md "Loss and training") and WI
 multiplied by 0.1 at each milestone epoch (PyTorch ``MultiStepLR`` stepped once per epoch). Here the
 schedule is per update: the update with optimiser count ``c`` (0-based) uses
 ``lr * lr_decay ** #{m : c >= m * steps_per_epoch}``.
+
+The peers' recipes add: AdamW with decoupled weight decay (TFANet, VIPA), a polynomial decay per update (VIPA, as
+CrossVLT), weight decay spared on some parameters (``no_decay``) and per-group learning rates (``lr_scale``), the
+last two selected by path regexes as the trainable set is (:mod:`wimfris_jax.train.freeze`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
 import optax
 
 from wimfris_jax.config import ConfigError
+from wimfris_jax.train.freeze import path_selected
 
 
 def lr_schedule(lr: float, milestones: Sequence[int], decay: float, steps_per_epoch: int) -> optax.Schedule:
@@ -37,7 +45,9 @@ def poly_schedule(lr: float, total_steps: int, power: float = 0.9) -> optax.Sche
 def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(tx, schedule)`` from ``config.train`` (lr, ``lr_schedule`` "step" (lr_milestones, lr_decay) or "poly"
     (lr_power over ``epochs``), weight_decay). Adam (PyTorch's defaults), or AdamW with decoupled ``weight_decay``
-    when it is > 0 (TFANet, VIPA). Applied to trainable params only."""
+    when it is > 0 (TFANet, VIPA), sparing the parameters whose paths match a ``no_decay`` regex; ``lr_scale``:
+    ``(regex, factor)`` pairs scaling the rate of the matching parameters (:func:`scale_by_path`). Applied to
+    trainable params only."""
     kind = train_config.get("lr_schedule", "step")
     if kind == "poly":
         total = int(train_config.epochs) * steps_per_epoch
@@ -52,8 +62,59 @@ def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTr
     else:
         raise ConfigError(f"config.train.lr_schedule={kind!r}: choose 'step' or 'poly'")
     weight_decay = float(train_config.get("weight_decay", 0.0))
+    no_decay = tuple(train_config.get("no_decay", ()))
     if weight_decay > 0:
-        tx = optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+        mask = path_mask(no_decay, "train.no_decay", negate=True) if no_decay else None
+        tx = optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
     else:
         tx = optax.adam(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8)
+    lr_scale = tuple((str(p), float(f)) for p, f in train_config.get("lr_scale", ()))
+    if lr_scale:
+        tx = optax.chain(tx, scale_by_path(lr_scale))
     return tx, schedule
+
+
+def _path(keys: tuple) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in keys)
+
+
+def _paths(params: Any) -> list[str]:
+    return [_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _check_matches(patterns: Sequence[str], paths: list[str], what: str) -> None:
+    for p in patterns:
+        if not any(re.search(p, k) for k in paths):
+            like = f" (paths look like {paths[0]!r})" if paths else ""
+            raise ConfigError(f"config.{what}: pattern {p!r} matches no trainable parameter{like}")
+
+
+def path_mask(patterns: Sequence[str], what: str, negate: bool = False) -> Callable[[Any], Any]:
+    """``params -> tree of bools``: True where a parameter's path ('a/b/kernel') matches one of the regexes
+    (``negate``: where none does), e.g. optax's weight-decay mask. A pattern matching nothing is a ConfigError."""
+
+    def mask(params: Any) -> Any:
+        _check_matches(patterns, _paths(params), what)
+        return jax.tree_util.tree_map_with_path(lambda k, _: path_selected(_path(k), patterns) != negate, params)
+
+    return mask
+
+
+def scale_by_path(factors: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies each update by the factor of the first ``(regex, factor)`` its path matches (else 1): per-group
+    learning rates (PyTorch param groups), e.g. ``(("^(text|image)_encoder/", 0.5),)`` for backbones at half
+    the rate. With AdamW the decoupled decay is scaled too, as a PyTorch group's lr scales both."""
+    patterns = [p for p, _ in factors]
+
+    def factor(path: str) -> float:
+        return next((f for p, f in factors if re.search(p, path)), 1.0)
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        _check_matches(patterns, _paths(params), "train.lr_scale")
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        return jax.tree_util.tree_map_with_path(lambda k, u: u * factor(_path(k)), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
