@@ -121,7 +121,8 @@ def test_unsafe_and_unreadable_files_fail_in_one_line(tmp_path):
             load_torch_checkpoint(path)
         msg = str(e.value)
         assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
-        assert not any(s in msg for s in ("weights_only", "likely succeed", "object at 0x", "101")), msg
+        reason = msg[len(path) :]  # the path itself may hold anything (pytest-101/...)
+        assert not any(s in reason for s in ("weights_only", "likely succeed", "object at 0x", "101")), msg
         assert re.search(pattern, msg), msg
     with pytest.raises(MissingCheckpointError, match="no checkpoint at"):
         load_torch_checkpoint(tmp_path / "nothing.pth")
