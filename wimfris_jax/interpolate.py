@@ -7,7 +7,7 @@ implements none of these (its cubic is Keys a = -0.5), so features would drift b
 
 Sizes are static, so the 1-D weights are built in numpy once per trace and applied with an einsum: exact
 (to float rounding), differentiable, and free of gathers. Separable 2-D resizing applies one matrix per axis,
-as PyTorch does.
+as PyTorch does; :func:`bilinear_resize` is the channels-last shorthand the TFANet and VIPA decoders and losses use.
 """
 
 from __future__ import annotations
@@ -120,3 +120,13 @@ def resize_2d(x: jnp.ndarray, h_matrix: np.ndarray, w_matrix: np.ndarray, axes: 
     wm = jnp.asarray(w_matrix, x.dtype)
     x = jnp.einsum("oh,...hw,pw->...op", hm, x, wm, precision="highest")
     return jnp.moveaxis(x, (-2, -1), (ax_h, ax_w))
+
+
+def bilinear_resize(x: jnp.ndarray, size: tuple[int, int], align_corners: bool) -> jnp.ndarray:
+    """``F.interpolate(mode='bilinear')`` on a channels-last map: (B, h, w, C) -> (B, H, W, C); same size: x."""
+    h, w = x.shape[1:3]
+    if (h, w) == tuple(size):
+        return x
+    hm = resize_matrix(h, size[0], mode="bilinear", align_corners=align_corners)
+    wm = resize_matrix(w, size[1], mode="bilinear", align_corners=align_corners)
+    return resize_2d(x, hm, wm)

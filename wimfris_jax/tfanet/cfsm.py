@@ -25,9 +25,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.layers import torch_default_kernel
 from wimfris_jax.ssm import Mamba
-from wimfris_jax.tfanet.common import bilinear_resize
 
 
 class CSSM(nn.Module):

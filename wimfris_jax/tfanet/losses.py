@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.losses import contrastive_loss, dice_loss
-from wimfris_jax.tfanet.common import bilinear_resize
 
 
 def foreground_logits(scores: jnp.ndarray) -> jnp.ndarray:

@@ -25,8 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.layers import torch_default_kernel
-from wimfris_jax.tfanet.common import bilinear_resize
 
 
 class WFDM(nn.Module):

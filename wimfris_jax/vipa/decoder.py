@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
 from wimfris_jax.backbones.vit import Mlp, gelu_exact, layer_norm
-from wimfris_jax.tfanet.common import bilinear_resize
+from wimfris_jax.interpolate import bilinear_resize
 
 Array = jax.Array
 

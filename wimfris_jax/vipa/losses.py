@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.losses import contrastive_loss, dice_loss
-from wimfris_jax.tfanet.common import bilinear_resize
 
 
 def to_mask_size(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
