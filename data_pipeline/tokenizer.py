@@ -36,6 +36,7 @@ VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 _NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps merges[1 : 48895]
+CLIP_VOCAB_SIZE = 49408  # 256 bytes x 2 (with and without </w>) + the merges + SOT and EOT
 _FIX = "pip install --no-deps clip-anytorch==2.6.0"
 
 
@@ -181,6 +182,19 @@ def warn_truncated(truncated: int, total: int, context_length: int, detail: str)
             TruncationWarning,
             stacklevel=3,
         )
+
+
+def vocabulary_size(tokenizer: str = "clip") -> int:
+    """How many ids ``tokenizer`` (a ``config.data.tokenizer`` value, see :func:`text_ids`) can produce: 49,408 for
+    CLIP's BPE, the vocabulary's length for WordPiece (read from the file)."""
+    if tokenizer == "clip":
+        return CLIP_VOCAB_SIZE
+    kind, _, vocab = str(tokenizer).partition(":")
+    if kind == "wordpiece" and vocab:
+        from data_pipeline.wordpiece import read_vocab, vocab_file  # lazy, as in text_ids
+
+        return len(read_vocab(vocab_file(vocab)))
+    raise TokenizerSpecError(f"tokenizer {tokenizer!r}: use 'clip' or 'wordpiece:PATH' (a vocab.txt or its folder)")
 
 
 class TokenizerSpecError(UserError, ValueError):

@@ -11,9 +11,10 @@ from family_cli import train_eval_predict
 
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.synthetic import SyntheticRefer
+from wimfris_jax.cli import main
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.evaluate import data_settings
-from wimfris_jax.model import build_model, loss_fn
+from wimfris_jax.model import build_model, check_tokenizer, loss_fn
 from wimfris_jax.summary import abstract_params, count_params
 from wimfris_jax.vipa.model import to_imagenet
 
@@ -135,3 +136,17 @@ def test_wordpiece_ids_and_imagenet_statistics_reach_the_model():
 @pytest.mark.slow  # compilation dominates (train, eval and predict each compile the model)
 def test_vipa_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
     train_eval_predict(QUICK, tmp_path, capsys, "the leftmost red circle")
+
+
+def test_tokenizer_that_overflows_the_text_tower_is_refused(tmp_path, capsys):
+    """CLIP's 49,408 ids into the tiny BERT's 22-word embedding would be clamped silently: refused in one line,
+    before anything compiles; the WordPiece vocabulary of the config fits."""
+    config = load_config(QUICK)
+    model = build_model(config.model)
+    check_tokenizer(model, config.data.tokenizer)
+    with pytest.raises(ConfigError, match=r"tokenizer='clip' has 49,408 token ids but .* text tower embeds 22"):
+        check_tokenizer(model, "clip")
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", QUICK, "--workdir", run, "--set", "data.tokenizer=clip"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embeds 22" in err[0], err

@@ -35,7 +35,7 @@ import numpy as np
 from wimfris_jax.config import load_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, load_params, unflatten
-from wimfris_jax.model import build_model
+from wimfris_jax.model import build_model, check_tokenizer
 from wimfris_jax.train.state import init_variables
 
 MAX_LISTED = 40  # problems listed one per line before the rest is counted
@@ -146,6 +146,8 @@ def load_model(
     cfg, config_name = _config(config)
     model_config = cfg.model if hasattr(cfg, "model") else cfg
     model = build_model(model_config).clone(logits_only=True)
+    if hasattr(cfg, "data"):  # eval / predict tokenise with config.data.tokenizer
+        check_tokenizer(model, str(cfg.data.get("tokenizer", "clip")))
     variables, meta = read_checkpoint(checkpoint, which)
     rule = meta.get("interpolation")
     want_rule = dict(model_config.vision).get("interpolation", "torchhub")

@@ -226,6 +226,24 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
     return _family(model_config)[0](model_config, dtype=dtype, remat_mode=resolve_remat(remat_mode))
 
 
+def check_tokenizer(model: nn.Module, tokenizer: str) -> None:
+    """Raises a ConfigError when ``tokenizer`` (``config.data.tokenizer``) can produce ids that ``model``'s text tower
+    cannot embed: the embedding gather would clamp them silently (CLIP ids into a BERT, say). Models without a
+    ``text_encoder.vocab_size`` are not checked."""
+    # data_pipeline imports wimfris_jax (its errors), whose __init__ reaches this module: imported here, not at the top
+    from data_pipeline.tokenizer import vocabulary_size
+
+    size = getattr(getattr(model, "text_encoder", None), "vocab_size", None)
+    if size is None:
+        return
+    n = vocabulary_size(tokenizer)
+    if n > int(size):
+        raise ConfigError(
+            f"config.data.tokenizer={tokenizer!r} has {n:,} token ids but the model's text tower embeds {int(size):,} "
+            "(config.model.text.vocab_size): pick the tokenizer of the text weights"
+        )
+
+
 def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     """The training loss of ``config.model``'s family: (scalar, aux scalars); mask (B, Hm, Wm) at the logit size."""
     return _family(model_config)[1](model_config, outputs, mask)

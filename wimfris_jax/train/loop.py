@@ -80,6 +80,8 @@ def train(
         model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     if loss_fn is None:
         loss_fn = functools.partial(model_lib.loss_fn, config.model)
+    if transform is None:  # the ids come from config.data.tokenizer: they must fit the text tower
+        model_lib.check_tokenizer(model, str(config.data.get("tokenizer", "clip")))
     source = train_source if train_source is not None else build_source(config.data, "train")
     transform = transform if transform is not None else default_train_transform(config.data)
     make_loader = make_loader if make_loader is not None else grain_loader
