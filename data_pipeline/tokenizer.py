@@ -184,17 +184,26 @@ def warn_truncated(truncated: int, total: int, context_length: int, detail: str)
         )
 
 
+def wordpiece_vocab(tokenizer: str) -> str | None:
+    """The vocabulary path of a "wordpiece:PATH" ``config.data.tokenizer``, None for "clip"; anything else is a
+    :class:`TokenizerSpecError`."""
+    if tokenizer == "clip":
+        return None
+    kind, _, vocab = str(tokenizer).partition(":")
+    if kind == "wordpiece" and vocab:
+        return vocab
+    raise TokenizerSpecError(f"tokenizer {tokenizer!r}: use 'clip' or 'wordpiece:PATH' (a vocab.txt or its folder)")
+
+
 def vocabulary_size(tokenizer: str = "clip") -> int:
     """How many ids ``tokenizer`` (a ``config.data.tokenizer`` value, see :func:`text_ids`) can produce: 49,408 for
     CLIP's BPE, the vocabulary's length for WordPiece (read from the file)."""
-    if tokenizer == "clip":
+    vocab = wordpiece_vocab(tokenizer)
+    if vocab is None:
         return CLIP_VOCAB_SIZE
-    kind, _, vocab = str(tokenizer).partition(":")
-    if kind == "wordpiece" and vocab:
-        from data_pipeline.wordpiece import read_vocab, vocab_file  # lazy, as in text_ids
+    from data_pipeline.wordpiece import read_vocab, vocab_file  # lazy, as in text_ids
 
-        return len(read_vocab(vocab_file(vocab)))
-    raise TokenizerSpecError(f"tokenizer {tokenizer!r}: use 'clip' or 'wordpiece:PATH' (a vocab.txt or its folder)")
+    return len(read_vocab(vocab_file(vocab)))
 
 
 class TokenizerSpecError(UserError, ValueError):
@@ -205,11 +214,9 @@ def text_ids(texts: str | Sequence[str], context_length: int, tokenizer: str = "
     """Token ids, int32 (N, context_length), 0 = padding, by the tokenizer ``config.data.tokenizer`` names:
     "clip" (:func:`tokenize`, WIMFRIS / DETRIS / TFANet) or "wordpiece:PATH" (BERT's WordPiece from a local
     vocab.txt or a BERT weights folder holding it: [CLS] ... [SEP], :mod:`data_pipeline.wordpiece`; VIPA)."""
-    if tokenizer == "clip":
+    vocab = wordpiece_vocab(tokenizer)
+    if vocab is None:
         return tokenize(texts, context_length)
-    kind, _, vocab = str(tokenizer).partition(":")
-    if kind == "wordpiece" and vocab:
-        from data_pipeline.wordpiece import wordpiece_tokenize  # lazy: only configs with a WordPiece vocabulary
+    from data_pipeline.wordpiece import wordpiece_tokenize  # lazy: only configs with a WordPiece vocabulary
 
-        return wordpiece_tokenize(texts, context_length, vocab)
-    raise TokenizerSpecError(f"tokenizer {tokenizer!r}: use 'clip' or 'wordpiece:PATH' (a vocab.txt or its folder)")
+    return wordpiece_tokenize(texts, context_length, vocab)
