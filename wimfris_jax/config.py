@@ -90,6 +90,16 @@ def expand_preset(group: Any, presets: Callable[[str], dict[str, Any]]) -> dict[
     return {**presets(preset), **fields} if preset is not None else fields
 
 
+def choice(group: Any, key: str, default: str, choices: Sequence[str], where: str = "") -> str:
+    """``group[key]`` (``default`` when absent), one of ``choices``; else a ConfigError naming
+    ``config.model.<where>.<key>`` and the sorted choices (a model's switch, e.g. ``fusion`` or ``level.mixer``)."""
+    value = group.get(key, default)
+    if value not in choices:
+        name = f"{where}.{key}" if where else key
+        raise ConfigError(f"config.model.{name}={value!r}: choose one of {sorted(choices)}")
+    return value
+
+
 def upgrade_model_config(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A ``config.model`` dict in the adapter schema (``text_adapter`` / ``vision_adapter`` with a ``kind``) from
     one written before it (a run's config.json): returns (the new dict, the old keys replaced; empty when it

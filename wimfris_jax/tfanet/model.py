@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
-from wimfris_jax.config import ConfigError, expand_preset
+from wimfris_jax.config import ConfigError, choice, expand_preset
 from wimfris_jax.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
 from wimfris_jax.tfanet.level import TFANetLevel
 from wimfris_jax.tfanet.losses import foreground_logits, tfanet_loss
@@ -84,13 +84,6 @@ class TFANet(nn.Module):
         return {"logits": logits, "scores": scores, "state": state}
 
 
-def _choice(group: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...], where: str) -> str:
-    value = group.get(key, default)
-    if value not in choices:
-        raise ConfigError(f"config.model.{where}.{key}={value!r}: choose one of {sorted(choices)}")
-    return value
-
-
 def build_tfanet(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> TFANet:
     """The TFANet module for ``config.model`` (configs/tfanet_b.py documents the keys): ``text`` ClipText fields or
     ``{"preset": "l14"}``, ``vision`` VMamba fields or ``{"preset": "base"}``, ``level`` (``attention``, ``mixer``
@@ -105,10 +98,10 @@ def build_tfanet(model_config: Any, dtype: Any = None, remat_mode: str = "none")
     level = {k: dict(v) for k, v in raw.items() if k not in ("attention", "mixer")}
     for group in level.values():
         group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list)})
-    level["attention"] = _choice(raw, "attention", "mlam", ATTENTIONS, "level")
-    level["mixer"] = _choice(raw, "mixer", "cfsm", MIXERS, "level")
+    level["attention"] = choice(raw, "attention", "mlam", ATTENTIONS, "level")
+    level["mixer"] = choice(raw, "mixer", "cfsm", MIXERS, "level")
     dec = dict(cfg.decoder)
-    if _choice(dec, "kind", "wfdm", DECODERS, "decoder") == "simple":
+    if choice(dec, "kind", "wfdm", DECODERS, "decoder") == "simple":
         # WFDM's alpha keys stay in the config so that one override switches the decoder; the simple one has none
         decoder = SimpleDecoder(
             dtype=dtype, **{k: v for k, v in dec.items() if k not in ("kind", "learn_alpha", "alpha_init")}

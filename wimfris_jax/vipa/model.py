@@ -34,7 +34,7 @@ import numpy as np
 from wimfris_jax.backbones.bert import Bert, bert_config
 from wimfris_jax.backbones.swin import Swin, swin_config
 from wimfris_jax.backbones.vit import layer_norm
-from wimfris_jax.config import ConfigError, expand_preset
+from wimfris_jax.config import ConfigError, choice, expand_preset
 from wimfris_jax.vipa.decoder import VipaDecoder
 from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion
 from wimfris_jax.vipa.losses import vipa_loss
@@ -131,13 +131,6 @@ class VIPA(nn.Module):
         return {"logits": logits, "global_logits": veg["global_logits"], "state": state}
 
 
-def _choice(cfg: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
-    value = cfg.get(key, default)
-    if value not in choices:
-        raise ConfigError(f"config.model.{key}={value!r}: choose one of {sorted(choices)}")
-    return value
-
-
 def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> VIPA:
     """The VIPA module for ``config.model`` (configs/vipa_b.py documents the keys): ``text`` Bert fields or
     ``{"preset": "base"}``, ``vision`` Swin fields or ``{"preset": "base"}``, ``text_stages``, ``fusion``,
@@ -153,8 +146,7 @@ def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -
             f"most {text.depth} BERT layers in all"
         )
     veg = dict(cfg.get("veg") or {})
-    if veg.get("cues", "both") not in CUES:
-        raise ConfigError(f"config.model.veg.cues={veg['cues']!r}: choose one of {list(CUES)}")
+    choice(veg, "cues", "both", CUES, "veg")
     if not 0.0 < float(veg.get("ratio", 0.3)) <= 1.0:
         raise ConfigError(f"config.model.veg.ratio={veg['ratio']!r}: the retrieved share r must be in (0, 1]")
     dec = dict(cfg.get("decoder") or {})
@@ -164,8 +156,8 @@ def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -
         veg=VEG(dtype=dtype, **veg),
         decoder=VipaDecoder(dtype=dtype, **dec),
         text_stages=stages,
-        fusion=_choice(cfg, "fusion", "early", FUSIONS),
-        key_value=_choice(cfg, "key_value", "ve", KEY_VALUES),
+        fusion=choice(cfg, "fusion", "early", FUSIONS),
+        key_value=choice(cfg, "key_value", "ve", KEY_VALUES),
         fusion_heads=int(cfg.get("fusion_heads", text.num_heads)),
     )
 
