@@ -102,12 +102,12 @@ class VEG(nn.Module):
             m = retrieval_mask(scores, self.ratio, jnp.exp(log_tau), rng)
         else:
             m = jnp.ones_like(scores)
-        k = jax.lax.stop_gradient(jnp.maximum(jnp.round(m).sum(-1, keepdims=True), 1.0))
+        hard = jax.lax.stop_gradient(m)  # M's values: exactly {0, 1} (retrieval_mask's forward)
+        k = jnp.maximum(hard.sum(-1, keepdims=True), 1.0)
         fa = nn.Dense(self.dim, dtype=self.dtype, name="aggregate")(
             jnp.einsum("bln,bnd->bld", m.astype(fv.dtype), fv) / k.astype(fv.dtype))  # eq. (5)  # fmt: skip
         if self.refine:  # eq. (6): each cue attends to its retrieved tokens only
-            retrieved = jax.lax.stop_gradient(m) > 0.5
-            fa = fa + self._attend("refine_attn", fa, fv, retrieved[:, None])
+            fa = fa + self._attend("refine_attn", fa, fv, hard[:, None] > 0.5)
             fa = self._mlp("refine_mlp", fa)
         keys = jnp.broadcast_to(cue[:, None, None, :], (b, 1, length, length))
         e = fa + self._attend("share_attn", fa, fa, keys)  # eq. (7)
@@ -116,5 +116,5 @@ class VEG(nn.Module):
             "expression": e,
             "expression_mask": cue,
             "global_logits": (scores[:, 0] * jnp.exp(log_scale)).reshape(b, h, w),
-            "retrieved": jax.lax.stop_gradient(jnp.round(m)),
+            "retrieved": hard,
         }
