@@ -45,6 +45,7 @@ from port_weights.protocol import (
     convert_family,
     infer_num_heads,
     only_one,
+    param_shapes,
     port,
     under_prefix,
 )
@@ -192,8 +193,7 @@ def infer_config(
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``ClipText(**config)`` (nothing is allocated)."""
-    ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    return jax.eval_shape(ClipText(**config).init, jax.random.key(0), ids)["params"]
+    return param_shapes(ClipText(**config), jax.ShapeDtypeStruct((1, 2), jnp.int32))
 
 
 CLIP = Family(

@@ -46,6 +46,7 @@ from port_weights.protocol import (
     convert_family,
     infer_num_heads,
     only_one,
+    param_shapes,
     port,
     under_prefix,
 )
@@ -218,8 +219,7 @@ def _mlp_ratio(width: int, hidden: int, ffn: str, source: str) -> float:
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``DinoV2(**config)`` (nothing is allocated)."""
     side = config["pos_grid"] * config["patch_size"]
-    x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
-    return jax.eval_shape(DinoV2(**config).init, jax.random.key(0), x)["params"]
+    return param_shapes(DinoV2(**config), jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
 
 
 DINOV2 = Family(

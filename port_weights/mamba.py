@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from port_weights.common import ConversionError, Rule, conv1d, linear, path_prefix
-from port_weights.protocol import Family, Layout, convert_family, everything, port
+from port_weights.protocol import Family, Layout, convert_family, everything, param_shapes, port
 from wimfris_jax.ssm import Mamba
 
 # Parts of a MambaModel / MambaForCausalLM that are not mixers (no counterpart in the block).
@@ -99,8 +99,7 @@ def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, source: s
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``Mamba(**config)`` (no arrays are allocated)."""
-    x = jax.ShapeDtypeStruct((1, 2, config["d_model"]), jnp.float32)
-    return jax.eval_shape(Mamba(**config).init, jax.random.key(0), x)["params"]
+    return param_shapes(Mamba(**config), jax.ShapeDtypeStruct((1, 2, config["d_model"]), jnp.float32))
 
 
 def _expected(layout: Layout, config: Mapping[str, Any]) -> dict:

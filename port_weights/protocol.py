@@ -11,7 +11,8 @@ skeleton is the same for every family and lives here. Its functions:
   ``num_heads`` and ``hf_config`` (the ``config.json`` beside the weights, read by :func:`port` when the family
   names its ``hf_model_type``).
 - ``rules(layout, config) -> list[Rule]``: the regex table (:mod:`port_weights.common`).
-- ``expected(layout, config)``: the shapes of the Flax params (``jax.eval_shape`` of the model's ``init``).
+- ``expected(layout, config)``: the shapes of the Flax params (:func:`param_shapes`: ``jax.eval_shape`` of the
+  model's ``init``).
 - optional: ``ignore(layout)`` (regexes of source keys dropped on purpose), ``owns(key, layout)`` (the keys of this
   model; the others, e.g. the rest of a DETRIS checkpoint, are skipped and counted), ``meta(layout, config)``
   (entries added to or replacing the standard meta).
@@ -37,7 +38,7 @@ Adding a family, e.g. a torch ``nn.Sequential(nn.Linear(4, H), nn.ReLU(), nn.Lin
         detect_layout=detect_layout,
         infer_config=lambda sd, layout, source: {"hidden": int(np.shape(sd[layout.prefix + "0.weight"])[0])},
         rules=rules,
-        expected=lambda layout, config: jax.eval_shape(Mlp(**config).init, key, x)["params"],
+        expected=lambda layout, config: param_shapes(Mlp(**config), jax.ShapeDtypeStruct((1, 4), jnp.float32)),
     )
     params, meta = port(MLP, "mlp.pth")  # or convert_family(MLP, state_dict)
 
@@ -51,6 +52,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import jax
 
 from port_weights.checkpoint import load_torch_checkpoint, read_hf_config
 from port_weights.common import ConversionError, Rule, convert_with_dtypes
@@ -146,6 +149,12 @@ def port(family: Family, src: str, **options: Any) -> tuple[dict[str, Any], dict
 
 
 # ------------------------------------------------------------------- helpers for detect_layout, infer_config
+def param_shapes(module: Any, *inputs: jax.ShapeDtypeStruct) -> dict[str, Any]:
+    """The body of a family's ``expected``: the shapes of ``module``'s params for inputs of these shapes
+    (``jax.eval_shape`` of its ``init``: nothing is allocated)."""
+    return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+
+
 def only_one(found: list[Layout], source: str, what: str) -> Layout:
     """The single layout in ``found``; else a ConversionError naming ``what`` was searched."""
     if len(found) != 1:

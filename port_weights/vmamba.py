@@ -32,7 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from port_weights.common import ConversionError, Rule, conv2d, path_prefix
-from port_weights.protocol import Family, Layout, block_count, convert_family, only_one, port, under_prefix
+from port_weights.protocol import (
+    Family,
+    Layout,
+    block_count,
+    convert_family,
+    only_one,
+    param_shapes,
+    port,
+    under_prefix,
+)
 from wimfris_jax.backbones.vmamba import VMamba
 
 HEAD = [r"classifier\.(norm|head)\.(weight|bias)"]
@@ -125,8 +134,7 @@ def infer_config(state_dict: Mapping[str, Any], layout: Layout, source: str = "c
 
 def expected_params(config: Mapping[str, Any]) -> dict:
     """Shapes of the params of ``VMamba(**config)`` (nothing is allocated)."""
-    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-    return jax.eval_shape(VMamba(**config).init, jax.random.key(0), x)["params"]
+    return param_shapes(VMamba(**config), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
 
 
 VMAMBA = Family(
