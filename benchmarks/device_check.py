@@ -6,12 +6,17 @@
 Sections (each timed after compilation, each guarded: an error or an exhausted ``--budget-s`` is recorded in the
 JSON and the run goes on):
 
+0. ``cudnn``: which calls ``jax.nn.dot_product_attention(implementation="cudnn")`` accepts on this device and JAX
+   (sequence lengths, head sizes, no mask / causal / boolean mask / key lengths, forward and gradient), with
+   fwd+bwd ms of the DINOv2-length cases beside XLA's -- the facts behind ``wimfris_jax.attention``'s rules.
 1. ``scan``: :func:`wimfris_jax.ssm.selective_scan`, every implementation, forward and forward+backward, at the
    MTA (2, 17, 336, 16) and WMF (128, 18, 1024, 16) shapes -- the measurement behind the scan's backend default.
 2. ``attention``: DINOv2-B/14-reg4 forward at 448 px, batch 32, bfloat16, for each attention implementation
    (xla, cudnn, chunked; :mod:`wimfris_jax.attention`).
 3. ``train``: the WIMFRIS-B and DETRIS-B train step at global batch 32, bfloat16, ``train.remat="auto"``: ms/step,
    images/s, XLA's compiled peak memory, achieved TFLOP/s (XLA's FLOP count) and MFU against the data-sheet peak.
+   A model whose step fails to compile with ``model.attention="auto"`` is recorded with its error and measured
+   again with ``"xla"``.
 4. ``eval``: the evaluation forward of both models at batch 32, bfloat16: images/s.
 
 ``--smoke`` runs the same code at tiny sizes (configs/tiny.py cut to 2 blocks and a DETRIS of the same sizes,
@@ -92,6 +97,70 @@ def smoke_config(name: str):
 # ----------------------------------------------------------------------------------------------------- sections
 
 
+def _cudnn_call(q, k, v, mask_kind: str, impl: str):
+    """One ``jax.nn.dot_product_attention`` call; ``mask_kind``: none | causal | bool | kv_lengths | padded:N (the
+    first N positions of q and k are real: query and key lengths both N)."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    kw: dict = {}
+    if mask_kind == "causal":
+        kw["is_causal"] = True
+    elif mask_kind == "bool":
+        kw["mask"] = jnp.ones((b, 1, t, s), bool).at[:, :, :, -1].set(False)
+    elif mask_kind == "kv_lengths":
+        kw["key_value_seq_lengths"] = jnp.full((b,), s - 1, jnp.int32)
+    elif mask_kind.startswith("padded:"):
+        n = int(mask_kind.split(":")[1])
+        kw["query_seq_lengths"] = kw["key_value_seq_lengths"] = jnp.full((b,), n, jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw)
+
+
+def section_cudnn(args) -> list[dict]:
+    """Which cuDNN fused-attention calls this JAX accepts here, forward and under ``jax.grad``; timed (fwd+bwd) at
+    DINOv2-B's shape for XLA, cuDNN unpadded and cuDNN on 1,029 tokens padded to 1,032 / 1,040 / 1,088."""
+    rows: list[dict] = []
+    rng = np.random.default_rng(0)
+
+    def qkv(b, t, s, h, d):
+        return [jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.bfloat16) for n in (t, s, s)]
+
+    def fns(mask_kind, impl):
+        fwd = jax.jit(lambda q, k, v: _cudnn_call(q, k, v, mask_kind, impl))
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_cudnn_call(q, k, v, mask_kind, impl).astype(jnp.float32)),
+                                argnums=(0, 1, 2)))  # fmt: skip
+        return fwd, grad
+
+    lengths = [(17, 17), (1029, 1029)] if args.smoke else [(17, 17), (18, 18), (1029, 1029), (1030, 1030),
+                                                           (1024, 1024), (1024, 17), (1024, 18), (1024, 256)]
+    cases = [(t, s, 64, m) for t, s in lengths for m in ("none", "causal", "bool", "kv_lengths") if m != "causal"
+             or t == s] + [(1024, 1024, d, "none") for d in (12, 16, 96, 128, 256)] + [(1040, 1040, 64, "padded:1029")]
+    for t, s, d, mask_kind in cases:
+        fwd, grad = fns(mask_kind, "cudnn")
+        q, k, v = qkv(2, t, s, 4, d)
+        row = {"q_len": t, "kv_len": s, "head_dim": d, "mask": mask_kind}
+        for mode, fn in (("fwd", fwd), ("grad", grad)):
+            try:
+                jax.block_until_ready(fn(q, k, v))
+                row[mode] = "ok"
+            except Exception as e:
+                row[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+    b, h = (2, 2) if args.smoke else (args.batch, 12)
+    for label, impl, t, mask_kind in [("xla 1029", "xla", 1029, "none"), ("cudnn 1029", "cudnn", 1029, "none"),
+                                      ("cudnn 1032 (pad)", "cudnn", 1032, "padded:1029"),
+                                      ("cudnn 1040 (pad)", "cudnn", 1040, "padded:1029"),
+                                      ("cudnn 1088 (pad)", "cudnn", 1088, "padded:1029")]:  # fmt: skip
+        fwd, grad = fns(mask_kind, impl)
+        q, k, v = qkv(b, t, t, h, 64)
+        row = {"timed": label, "shape": (b, t, h, 64)}
+        try:
+            row["fwd_ms"] = 1e3 * timed(fwd, q, k, v, repeats=args.repeats)
+            row["fwd_bwd_ms"] = 1e3 * timed(grad, q, k, v, repeats=args.repeats)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+    return rows
+
+
 def section_scan(args) -> list[dict]:
     rows = []
     shapes = SMOKE_SCAN_SHAPES if args.smoke else SCAN_SHAPES
@@ -132,67 +201,85 @@ def section_attention(args) -> list[dict]:
     return rows
 
 
-def _model(args, name: str):
+def _model(args, name: str, attention: str = "auto"):
     config = smoke_config(name) if args.smoke else load_config(os.path.join(ROOT, MODELS[name]))
+    config.model.attention = attention
     return config, model_lib.build_model(config.model, remat_mode=config.train.get("remat", "auto"))
 
 
+def _with_fallback(measure: Callable[[str, str], dict], name: str) -> list[dict]:
+    """``measure(name, attention)`` with "auto"; if that raises, the error row and a second try with "xla"."""
+    try:
+        return [measure(name, "auto")]
+    except Exception as e:  # a lowering refusal on this device: recorded, then the model is measured without it
+        error = {"model": name, "attention": "auto", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        return [error, measure(name, "xla")]
+
+
+def _train_row(args, name: str, attention: str) -> dict:
+    config, model = _model(args, name, attention)
+    gbs = 2 if args.smoke else args.batch
+    tc = config.train
+    mesh = sharding.make_mesh(jax.devices()[:1] if args.smoke else None)
+    batch = random_batch(config, gbs)
+    tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
+    init_fn = functools.partial(init_variables, model, {k: v[:1] for k, v in batch.items()})
+    state, shardings = init_train_state(init_fn, tx, tuple(tc.trainable), 0, mesh)
+    loss_fn = functools.partial(model_lib.loss_fn, config.model)
+    step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=args.dtype), shardings, mesh)
+    gb = sharding.shard_batch(batch, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, gb).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [state]
+
+    def run(c=compiled, h=holder, b=gb):
+        h[0], metrics = c(h[0], b)
+        return metrics
+
+    s = timed(run, repeats=args.repeats)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    peak = data_sheet_peak(args.dtype)
+    tflops = flops / s / 1e12
+    hlo = compiled.as_text() or ""
+    return {
+        "model": name, "attention": attention, "global_batch": gbs, "dtype": args.dtype,
+        "remat": model.image_encoder.remat_mode, "devices": mesh.size, "compile_s": compile_s,
+        "ms_per_step": 1e3 * s, "images_per_s": gbs / s,
+        "peak_memory_gib": None if peak_bytes(compiled) is None else peak_bytes(compiled) / 2**30,
+        "gflop_per_step_per_device": flops / 1e9, "tflops_per_device": tflops,
+        "mfu": tflops / peak if peak else None, "data_sheet_tflops": peak,
+        "cudnn_attention_calls": hlo.count('custom_call_target="__cudnn$fmha'),
+    }  # fmt: skip
+
+
 def section_train(args) -> list[dict]:
-    rows = []
-    for name in MODELS:
-        config, model = _model(args, name)
-        gbs = 2 if args.smoke else args.batch
-        tc = config.train
-        mesh = sharding.make_mesh(jax.devices()[:1] if args.smoke else None)
-        batch = random_batch(config, gbs)
-        tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
-        init_fn = functools.partial(init_variables, model, {k: v[:1] for k, v in batch.items()})
-        state, shardings = init_train_state(init_fn, tx, tuple(tc.trainable), 0, mesh)
-        loss_fn = functools.partial(model_lib.loss_fn, config.model)
-        step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=args.dtype), shardings, mesh)
-        gb = sharding.shard_batch(batch, mesh)
-        t0 = time.perf_counter()
-        compiled = step.lower(state, gb).compile()
-        compile_s = time.perf_counter() - t0
-        holder = [state]
+    return [row for name in MODELS for row in _with_fallback(functools.partial(_train_row, args), name)]
 
-        def run(c=compiled, h=holder, b=gb):
-            h[0], metrics = c(h[0], b)
-            return metrics
 
-        s = timed(run, repeats=args.repeats)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-        peak = data_sheet_peak(args.dtype)
-        tflops = flops / s / 1e12
-        rows.append({
-            "model": name, "global_batch": gbs, "dtype": args.dtype, "remat": model.image_encoder.remat_mode,
-            "devices": mesh.size, "compile_s": compile_s, "ms_per_step": 1e3 * s, "images_per_s": gbs / s,
-            "peak_memory_gib": None if peak_bytes(compiled) is None else peak_bytes(compiled) / 2**30,
-            "gflop_per_step_per_device": flops / 1e9, "tflops_per_device": tflops,
-            "mfu": tflops / peak if peak else None, "data_sheet_tflops": peak,
-        })  # fmt: skip
-        del compiled, holder, state
-    return rows
+def _eval_row(args, name: str, attention: str) -> dict:
+    config, model = _model(args, name, attention)
+    b = 2 if args.smoke else args.batch
+    batch = random_batch(config, b)
+    variables = jax.jit(functools.partial(init_variables, model))(batch, jax.random.key(0))
+    variables = cast_floats(variables, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    images = jnp.asarray(batch["image"], variables["params"]["projector"]["txt"]["kernel"].dtype)
+    fwd = jax.jit(lambda v, x, t, m=model: m.apply(v, x, t, train=False)["logits"])
+    s = timed(fwd, variables, images, batch["ids"], repeats=args.repeats)
+    return {"model": name, "attention": attention, "batch": b, "dtype": args.dtype, "ms": 1e3 * s,
+            "images_per_s": b / s}
 
 
 def section_eval(args) -> list[dict]:
-    rows = []
-    for name in MODELS:
-        config, model = _model(args, name)
-        b = 2 if args.smoke else args.batch
-        batch = random_batch(config, b)
-        variables = jax.jit(functools.partial(init_variables, model))(batch, jax.random.key(0))
-        variables = cast_floats(variables, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-        images = jnp.asarray(batch["image"], variables["params"]["projector"]["txt"]["kernel"].dtype)
-        fwd = jax.jit(lambda v, x, t, m=model: m.apply(v, x, t, train=False)["logits"])
-        s = timed(fwd, variables, images, batch["ids"], repeats=args.repeats)
-        rows.append({"model": name, "batch": b, "dtype": args.dtype, "ms": 1e3 * s, "images_per_s": b / s})
-    return rows
+    return [row for name in MODELS for row in _with_fallback(functools.partial(_eval_row, args), name)]
 
 
-SECTIONS = {"scan": section_scan, "attention": section_attention, "train": section_train, "eval": section_eval}
+SECTIONS = {
+    "cudnn": section_cudnn, "scan": section_scan, "attention": section_attention, "train": section_train,
+    "eval": section_eval,
+}  # fmt: skip
 
 
 def print_table(results: dict) -> None:
@@ -204,18 +291,26 @@ def print_table(results: dict) -> None:
             print(f"| {section} | {rows.get('error') or rows.get('skipped')} | | | | | |")
             continue
         for r in rows:
-            if section == "scan":
+            if section == "cudnn":
+                if "timed" in r:
+                    case = f"attention fwd / fwd+bwd, {r['timed']} {tuple(r['shape'])}"
+                    ms = r.get("error") or f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}"
+                else:
+                    case = f"cudnn accepts Q {r['q_len']} KV {r['kv_len']} D {r['head_dim']} mask {r['mask']}?"
+                    ms = f"fwd {r['fwd'][:40]}; grad {r['grad'][:40]}"
+            elif section == "scan":
                 case = f"{r['case']} {tuple(r['shape'])} {r['impl']} (fwd / fwd+bwd)"
                 ms = f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f}"
             elif section == "attention":
                 case = f"{r['model']} b{r['batch']} {r['image']}px {r['dtype']} attention={r['attention']}"
                 ms = r.get("error", fmt(r.get("ms"), ".1f"))
             elif section == "train":
-                case = f"{r['model']} train step, global batch {r['global_batch']}, {r['dtype']}, remat={r['remat']}"
-                ms = fmt(r["ms_per_step"], ".1f")
+                case = (f"{r['model']} train step, global batch {r.get('global_batch')}, {r.get('dtype')}, "
+                        f"remat={r.get('remat')}, attention={r['attention']} ({r.get('cudnn_attention_calls')} cuDNN)")
+                ms = r.get("error") or fmt(r["ms_per_step"], ".1f")
             else:
-                case = f"{r['model']} evaluation forward, batch {r['batch']}, {r['dtype']}"
-                ms = fmt(r["ms"], ".1f")
+                case = f"{r['model']} evaluation forward, batch {r.get('batch')}, {r.get('dtype')}, {r['attention']}"
+                ms = r.get("error") or fmt(r["ms"], ".1f")
             print(f"| {section} | {case} | {ms} | {fmt(r.get('images_per_s'), '.1f')} | "
                   f"{fmt(r.get('peak_memory_gib'), '.1f')} | {fmt(r.get('tflops_per_device'), '.1f')} | "
                   f"{fmt(r.get('mfu'), '.1%')} |")  # fmt: skip

@@ -17,13 +17,17 @@ def test_device_check_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     sections = res["sections"]
-    assert set(sections) == {"scan", "attention", "train", "eval"}
+    assert set(sections) == {"cudnn", "scan", "attention", "train", "eval"}
     assert not any(isinstance(rows, dict) for rows in sections.values()), sections  # no section failed
     assert {r["impl"] for r in sections["scan"]} == {"associative", "sequential", "unrolled"}
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in sections["scan"])
     by_impl = {r["attention"]: r for r in sections["attention"]}
     assert by_impl["xla"]["ms"] > 0 and by_impl["chunked"]["ms"] > 0
     assert "error" in by_impl["cudnn"] and "GPU" in by_impl["cudnn"]["error"]  # no cuDNN on a CPU host: recorded
+    probes = [r for r in sections["cudnn"] if "q_len" in r]
+    assert probes and all(r["fwd"] != "ok" and r["grad"] != "ok" for r in probes)  # no cuDNN here: refusals recorded
+    assert any(r.get("fwd_bwd_ms", 0) > 0 for r in sections["cudnn"] if r.get("timed") == "xla 1029")
+    assert all(r["attention"] == "auto" for r in sections["train"] + sections["eval"])  # no fallback was needed
     for row in sections["train"]:
         assert row["images_per_s"] > 0 and row["peak_memory_gib"] > 0 and row["gflop_per_step_per_device"] > 0
     models = {"WIMFRIS-B", "DETRIS-B"}

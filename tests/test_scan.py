@@ -135,4 +135,5 @@ def test_dtype_and_errors():
     assert default_impl("cpu", 17, 2 * 336 * 16) == "unrolled"  # the MTA
     assert default_impl("cpu", 18, 128 * 1024 * 16) == "sequential"  # the WMF at batch 2
     assert default_impl("cpu", 1025, 1024) == "sequential"
-    assert default_impl("gpu", 17, 2 * 336 * 16) == "associative"
+    assert default_impl("gpu", 17, 2 * 336 * 16) == default_impl("gpu", 18, 128 * 1024 * 16) == "unrolled"  # H200
+    assert default_impl("gpu", 1025, 1024) == default_impl("tpu", 17, 1024) == "associative"
