@@ -3,7 +3,10 @@
 Tensors keep their stored dtype (float16, bfloat16 via ``ml_dtypes``, integers, bool): :func:`port_weights.common.
 convert` checks and casts them, so the converters can refuse integer weights and report upcasts. Files are read
 with ``weights_only=True`` (or from safetensors), never with plain pickle; a file that weights-only loading refuses
-is reported as unsafe in one line (torch's advice to load it with ``weights_only=False`` is not repeated). A yacs
+is reported as unsafe in one line (torch's advice to load it with ``weights_only=False`` is not repeated).
+TorchScript archives are read as data by :mod:`port_weights.torchscript` (``torch.jit.load`` would run their
+code), and a zip whose members declare more bytes than the file can hold is refused before anything is
+decompressed. A yacs
 config pickled beside the weights (VMamba's and Swin's training checkpoints) is read as an ``OrderedDict``
 (:class:`ConfigNode`) without importing yacs.
 PyTorch is imported lazily, only for ``.bin``/``.pth``/``.pt`` files.
@@ -24,6 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, deserialize
 
 from port_weights.common import ConversionError, as_numpy
+from port_weights.torchscript import check_zip_sizes, load_torchscript
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import read_json_object
 
@@ -102,9 +106,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
     """Reads a PyTorch checkpoint into ``{name: numpy array}`` in the stored dtypes.
 
     Accepts safetensors files, ``.bin``/``.pth``/``.pt`` files saved with ``torch.save`` (read with
-    ``weights_only=True``), TorchScript archives (OpenAI CLIP's ``ViT-B-16.pt``), and a Hugging Face
-    model folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or not). Training checkpoints
-    that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+    ``weights_only=True``), TorchScript archives (OpenAI CLIP's ``ViT-B-16.pt``, read as data: none of their code
+    runs), and a Hugging Face model folder (``model.safetensors`` or ``pytorch_model.bin``, sharded or not).
+    Training checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
 
     Raises:
       MissingCheckpointError: no such file or folder, or a folder without weights.
@@ -117,21 +121,23 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, Array]:
         raise MissingCheckpointError(f"no checkpoint at {path!r}")
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
+    if _is_torchscript(path):
+        return load_torchscript(path)  # as data: torch.jit.load would run the archive's code
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                check_zip_sizes(path, z)  # before torch decompresses anything
+        except zipfile.BadZipFile as err:
+            raise _unreadable(path, err) from err
     import torch  # lazy: torch is heavy and optional, needed only for .bin/.pth/.pt files
 
-    if _is_torchscript(path):
-        try:
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as err:
-            raise ConversionError(f"{path}: damaged TorchScript archive: {clean_message(err)}") from err
-    else:
-        try:
-            with torch.serialization.safe_globals([(ConfigNode, name) for name in CONFIG_CLASSES]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise _refusal(path, err) from err
-        except Exception as err:
-            raise _unreadable(path, err) from err
+    try:
+        with torch.serialization.safe_globals([(ConfigNode, name) for name in CONFIG_CLASSES]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refusal(path, err) from err
+    except Exception as err:
+        raise _unreadable(path, err) from err
     return _to_numpy_state_dict(obj, path)
 
 
