@@ -51,6 +51,8 @@ from wimfris_jax import model as model_lib  # noqa: E402
 from wimfris_jax.attention import IMPLEMENTATIONS  # noqa: E402
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config  # noqa: E402
 from wimfris_jax.config import load_config  # noqa: E402
+from wimfris_jax.layers import resolve_remat  # noqa: E402
+from wimfris_jax.platform import platform_of  # noqa: E402
 from wimfris_jax.ssm import scan as scan_lib  # noqa: E402
 from wimfris_jax.train import optim, sharding  # noqa: E402
 from wimfris_jax.train.state import init_train_state, init_variables  # noqa: E402
@@ -246,7 +248,8 @@ def _train_row(args, name: str, attention: str) -> dict:
     hlo = compiled.as_text() or ""
     return {
         "model": name, "attention": attention, "global_batch": gbs, "dtype": args.dtype,
-        "remat": model.image_encoder.remat_mode, "devices": mesh.size, "compile_s": compile_s,
+        "remat": resolve_remat(model.image_encoder.remat_mode, platform_of(mesh)), "devices": mesh.size,
+        "compile_s": compile_s,
         "ms_per_step": 1e3 * s, "images_per_s": gbs / s,
         "peak_memory_gib": None if peak_bytes(compiled) is None else peak_bytes(compiled) / 2**30,
         "gflop_per_step_per_device": flops / 1e9, "tflops_per_device": tflops,

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from wimfris_jax import attention as att
+from wimfris_jax.platform import targeting
 
 B, T, S, H, D = 2, 37, 29, 3, 8
 
@@ -19,14 +20,14 @@ def _qkv(t=T, s=S, seed=0):
     return f(B, t, H, D), f(B, s, H, D), f(B, s, H, D)
 
 
-def _masks():
+def _masks(t=T, s=S):
     r = np.random.default_rng(1)
-    all_but_two = np.zeros((B, 1, T, S), bool)
+    all_but_two = np.zeros((B, 1, t, s), bool)
     all_but_two[:, :, :2] = True  # rows 2.. attend to nothing: flax attends uniformly there
     return {
         "none": None,
-        "key padding (B,1,1,S)": jnp.asarray(r.random((B, 1, 1, S)) > 0.3),
-        "per head and query (B,H,T,S)": jnp.asarray(r.random((B, H, T, S)) > 0.3),
+        "key padding (B,1,1,S)": jnp.asarray(r.random((B, 1, 1, s)) > 0.3),
+        "per head and query (B,H,T,S)": jnp.asarray(r.random((B, H, t, s)) > 0.3),
         "rows with no key": jnp.asarray(all_but_two),
     }
 
@@ -84,25 +85,65 @@ def test_dense_path_dropout_and_deterministic_switch():
         att.dot_product_attention(q, k, v, dropout_rate=0.1, deterministic=False)
 
 
-def test_auto_picks_by_backend_sequence_length_and_dtype(monkeypatch):
+def test_auto_picks_by_target_platform_sequence_length_and_dtype():
     long_k, short_k = jnp.zeros((1, 1029, 12, 64)), jnp.zeros((1, 17, 12, 64))
     q = jnp.zeros((1, 1029, 12, 64))
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert att.resolve("auto", q, long_k) == "chunked"
-    assert att.resolve("auto", q, short_k) == "xla"
-    assert att.resolve("auto", q, long_k, dropout=True) == "chunked"  # chunked draws its own dropout
-    assert att.resolve("xla", q, short_k, dropout=True) == "dense"  # jax.nn has no dropout
-    with pytest.raises(ValueError, match="NVIDIA GPU"):
-        att.resolve("cudnn", q, long_k)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with targeting("cpu"):
+        assert att.resolve("auto", q, long_k) == "chunked"
+        assert att.resolve("auto", q, short_k) == "xla"
+        assert att.resolve("auto", q, long_k, dropout=True) == "chunked"  # chunked draws its own dropout
+        assert att.resolve("xla", q, short_k, dropout=True) == "dense"  # jax.nn has no dropout
+        with pytest.raises(ValueError, match="NVIDIA GPU, but this is compiled for 'cpu'"):
+            att.resolve("cudnn", q, long_k)
     half = jnp.zeros((1, 1029, 12, 64), jnp.bfloat16)
-    assert att.resolve("auto", half, half) == "cudnn"
-    assert att.resolve("auto", q, long_k) == "xla"  # float32: outside cuDNN's rules
-    assert att.resolve("auto", half, half, dropout=True) == "dense"  # XLA maths with its own dropout
+    msa = jnp.zeros((1, 1029, 4, 12), jnp.bfloat16)  # head size 12: no multiple of 8
     wide = jnp.zeros((1, 9, 2, 160), jnp.bfloat16)  # head size over 128
-    assert att.resolve("auto", wide, wide) == "xla"
+    with targeting("cuda"):  # a GPU compile from this CPU host: the GPU's choices
+        assert att.resolve("auto", half, half) == att.resolve("cudnn", half, half) == "cudnn"  # odd: padded
+        assert att.resolve("auto", q, long_k) == att.resolve("cudnn", q, long_k) == "xla"  # float32
+        assert att.resolve("auto", half, half, dropout=True) == "dense"  # XLA maths with its own dropout
+        assert att.resolve("auto", msa, msa) == att.resolve("cudnn", msa, msa) == "xla"  # refused: XLA, no error
+        assert att.resolve("auto", wide, wide) == "xla"
+    with targeting("tpu"):
+        assert att.resolve("auto", half, half) == "xla"
     with pytest.raises(ValueError, match="choose one of"):
         att.resolve("flash", q, long_k)
+
+
+@pytest.mark.parametrize("mask_name", [m for m in _masks() if m != "rows with no key"])  # (*)
+@pytest.mark.parametrize("t,s", [(T, S), (36, 29), (37, 30), (36, 30)])  # odd/even queries and keys
+def test_padded_path_equals_the_unpadded_one_values_and_gradients(mask_name, t, s):
+    """The cuDNN path's padding (odd lengths up to a multiple of 16, real lengths as query/key lengths) through
+    jax.nn's XLA implementation, which honours the same lengths: equal to the unpadded call, forward and
+    gradients w.r.t. q, k, v (cuDNN itself needs a GPU: benchmarks/device_check.py compares it there).
+    (*) A row with no allowed key has no defined attention (flax's convention: uniform over the keys); padded, it is
+    uniform over the padded keys too. No attention of the models has such rows."""
+    q, k, v = _qkv(t, s)
+    mask = _masks(t, s)[mask_name]
+    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")  # noqa: E731
+    pad = lambda q, k, v: att.padded_attention(q, k, v, mask, "xla")  # noqa: E731
+    np.testing.assert_allclose(pad(q, k, v), ref(q, k, v), atol=1e-6)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=q.shape), jnp.float32)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_pad = jax.grad(lambda *a: jnp.sum(pad(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_pad, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_padding_lengths_and_cost(monkeypatch):
+    """1,029 tokens run as 1,040 (2.1% more attention FLOPs); 17 words as 32; even lengths unpadded."""
+    seen, real = [], jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    for t, s in ((1029, 1029), (1024, 17), (18, 18)):
+        q, k, v = (jnp.zeros((1, n, 1, 8)) for n in (t, s, s))
+        att.padded_attention(q, k, v, None, "xla")
+    assert seen == [(1040, 1040), (1024, 32), (18, 18)]
+    assert (1040 / 1029) ** 2 - 1 < 0.022
 
 
 def test_flax_module_keeps_parameters_and_matches_the_default_attention():

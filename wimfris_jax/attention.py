@@ -6,16 +6,22 @@
 
 - ``"xla"``: :func:`jax.nn.dot_product_attention` with ``implementation="xla"``: the (B, H, Tq, Tk) scores are
   materialised. Attention-weight dropout, which ``jax.nn`` does not offer, is applied on the same dense path.
-- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) kernel: NVIDIA GPU,
-  bfloat16 / float16 inputs, head size a multiple of 8 up to 128; no dropout (calls with active dropout take the
-  dense path).
-- ``"chunked"``: :func:`chunked_attention`, query-chunked attention with a recomputing backward pass
-  (FlashAttention-2's, in pure JAX): at most (B, H, Tk, chunk) scores are alive at once, forward or backward,
-  and the backward keeps only q, k, v, the output and two softmax statistics per query (no (Tq, Tk) probabilities).
-- ``"auto"`` (default): cuDNN on a GPU wherever its rules allow, else XLA; on CPU ``"chunked"`` for key
+- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) kernel, where its
+  rules allow (:func:`cudnn_applies`): an NVIDIA GPU, bfloat16 / float16 inputs, head size a multiple of 8 up to 128.
+  Under differentiation cuDNN refuses odd sequence lengths (measured on an H200, README "Measured on an H200"), so
+  an odd query or key length is padded up to a multiple of :data:`CUDNN_PAD` with the real lengths passed as
+  ``query_seq_lengths`` / ``key_value_seq_lengths`` (:func:`padded_attention`: DINOv2's 1,029 tokens run as
+  1,040: 2.1% more attention FLOPs). Calls the rules refuse (head size 12, float32) and calls with active dropout, which
+  ``jax.nn`` does not offer, take the XLA / dense path instead of failing.
+- ``"chunked"``: :func:`chunked_attention` (:mod:`wimfris_jax.chunked_attention`), query-chunked attention with a
+  recomputing backward pass (FlashAttention-2's, in pure JAX): at most (B, H, Tk, chunk) scores are alive at once,
+  forward or backward, and the backward keeps only q, k, v, the output and two softmax statistics per query.
+- ``"auto"`` (default): cuDNN on a GPU wherever its rules allow, else XLA (TPU: XLA); on CPU ``"chunked"`` for key
   sequences of at least :data:`CHUNKED_MIN_KEYS` (DINOv2's 1,029 tokens, the decoder's 1,024 pixels), where it
   measured 2-3x faster than the dense form forward and backward and on par with PyTorch's fused CPU kernel
   (README, "Attention"), and XLA for the short word sequences.
+
+The platform is the one being compiled for (:func:`wimfris_jax.platform.target_platform`), not the host's.
 
 Masks follow flax: boolean, broadcastable to (B, H, Tq, Tk), True = attend; a masked score becomes the float
 minimum, so a row with no allowed key attends uniformly (as ``flax.linen.dot_product_attention``). Softmax
@@ -27,14 +33,18 @@ unchanged: ``query``/``key``/``value``/``out``) with this function as its ``atte
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wimfris_jax.layers import keep_mask, remat
+from wimfris_jax.chunked_attention import big_neg, chunked_attention
+from wimfris_jax.layers import keep_mask, remat, resolve_remat
+from wimfris_jax.platform import target_platform
 
 Array = jax.Array
 
@@ -42,7 +52,10 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
 # CPU "auto": chunked from this many keys on. benchmarks/bench_attention.py, fwd+bwd: at 128 keys XLA's dense
 # form is ahead (12 vs 15 ms), at 256 the chunked one (23 vs 59 ms), at 1,029 by 2.5-2.9x.
 CHUNKED_MIN_KEYS = 256
-DEFAULT_CHUNK = 128  # queries per chunk: the CPU optimum of 64 / 128 / 256 in benchmarks/bench_attention.py
+# cuDNN: odd lengths are padded up to a multiple of this. H200, DINOv2-B attention (32, 1029 tokens, 12 x 64, bf16)
+# fwd+bwd: padded to 1,032 1.81 ms, to 1,040 1.71 ms, to 1,088 1.63 ms; XLA unpadded 6.59 ms.
+CUDNN_PAD = 16
+CUDNN_MAX_HEAD = 128  # 256 on Hopper and later with a recent cuDNN; 128 holds on every GPU JAX compiles for
 
 
 def _check(implementation: str) -> None:
@@ -50,44 +63,102 @@ def _check(implementation: str) -> None:
         raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
 
 
-def _cudnn_ok(query: Array, key: Array) -> bool:
-    """cuDNN's fused attention rules (jax.nn.dot_product_attention, cuDNN >= 8.9): half precision, D % 8 == 0,
-    D <= 128, same dtypes."""
+def cudnn_applies(query: Array, key: Array) -> bool:
+    """cuDNN's fused attention rules that padding cannot meet (JAX's ``check_is_flash_attention``): half precision,
+    one dtype, head size a multiple of 8 up to :data:`CUDNN_MAX_HEAD`. Sequence lengths are met by padding."""
     d = query.shape[-1]
-    return (
-        query.dtype in (jnp.bfloat16, jnp.float16)
-        and query.dtype == key.dtype
-        and d % 8 == 0
-        and d <= 128
-    )
+    half = query.dtype in (jnp.bfloat16, jnp.float16) and query.dtype == key.dtype
+    return half and d % 8 == 0 and d <= CUDNN_MAX_HEAD
 
 
 def resolve(implementation: str, query: Array, key: Array, *, dropout: bool = False) -> str:
-    """The implementation a call runs with: "xla", "cudnn", "chunked" or "dense" (XLA with dropout)."""
+    """The implementation a call runs with on the target platform: "xla", "cudnn", "chunked" or "dense" (XLA with
+    dropout). ``"cudnn"`` off a GPU is refused; on a GPU, a call its rules refuse runs with XLA. Inside
+    :func:`record_decisions` each call is also recorded with the reason."""
+    chosen, why = _resolve(implementation, query, key, dropout)
+    if (log := _DECISIONS.get()) is not None:
+        log.append({"q": tuple(query.shape), "kv_len": key.shape[1], "dtype": str(query.dtype),
+                    "requested": implementation, "chosen": chosen, "why": why})  # fmt: skip
+    return chosen
+
+
+def _resolve(implementation: str, query: Array, key: Array, dropout: bool) -> tuple[str, str]:
     _check(implementation)
-    backend = jax.default_backend()
+    platform = target_platform()
     if implementation == "auto":
-        if backend == "gpu" and not dropout and _cudnn_ok(query, key):
-            return "cudnn"
-        if backend == "cpu" and key.shape[1] >= CHUNKED_MIN_KEYS:
-            return "chunked"
+        if platform == "gpu" and not dropout and cudnn_applies(query, key):
+            return "cudnn", "cuDNN's rules hold" + (" (padded)" if query.shape[1] % 2 or key.shape[1] % 2 else "")
+        if platform == "cpu" and key.shape[1] >= CHUNKED_MIN_KEYS:
+            return "chunked", f"CPU, {key.shape[1]} >= {CHUNKED_MIN_KEYS} keys"
+        if platform == "gpu":
+            return ("dense" if dropout else "xla"), _cudnn_refusal(query, key, dropout)
         implementation = "xla"
     if implementation == "cudnn":
-        if dropout:
-            return "dense"
-        if backend != "gpu" or not _cudnn_ok(query, key):
+        if platform != "gpu":
             raise ValueError(
-                f"attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 inputs with a head size that is a "
-                f"multiple of 8 up to 128; got backend {backend!r}, {query.dtype}, head size {query.shape[-1]} "
+                f"attention='cudnn' needs an NVIDIA GPU, but this is compiled for {platform!r} "
                 "(use attention='auto' to fall back where it does not apply)"
             )
+        if dropout or not cudnn_applies(query, key):
+            return ("dense" if dropout else "xla"), _cudnn_refusal(query, key, dropout)
+        return "cudnn", "requested"
     if implementation == "xla" and dropout:
-        return "dense"
-    return implementation
+        return "dense", "attention dropout"
+    return implementation, "requested" if implementation != "xla" else f"{platform}: XLA"
 
 
-def _big_neg(dtype: Any) -> Array:
-    return jnp.asarray(jnp.finfo(dtype).min, dtype)
+def _cudnn_refusal(query: Array, key: Array, dropout: bool) -> str:
+    """Why cuDNN does not take a call: attention dropout, dtype or head size."""
+    if dropout:
+        return "attention dropout (jax.nn's cuDNN attention has none)"
+    if query.dtype not in (jnp.bfloat16, jnp.float16) or query.dtype != key.dtype:
+        return f"{query.dtype} (cuDNN: bfloat16 / float16)"
+    return f"head size {query.shape[-1]} (cuDNN: a multiple of 8 up to {CUDNN_MAX_HEAD})"
+
+
+_DECISIONS: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar("attention_decisions", default=None)
+
+
+@contextlib.contextmanager
+def record_decisions() -> Iterator[list[dict]]:
+    """Collects every :func:`resolve` made while tracing inside the block (shapes, requested, chosen, why): the
+    census of attention kernels a compiled model uses (``benchmarks/aot.py``)."""
+    log: list[dict] = []
+    token = _DECISIONS.set(log)
+    try:
+        yield log
+    finally:
+        _DECISIONS.reset(token)
+
+
+def _pad_to(x: Array, axis: int, length: int, value: Any = 0) -> Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def padded_attention(query: Array, key: Array, value: Array, mask: Array | None, implementation: str,
+                     multiple: int = CUDNN_PAD) -> Array:  # fmt: skip
+    """``jax.nn.dot_product_attention`` with odd query / key lengths padded up to a multiple of ``multiple``, the
+    real lengths given as ``query_seq_lengths`` / ``key_value_seq_lengths`` (padded keys get no weight, padded
+    queries are cut off), so cuDNN takes it under differentiation. Even lengths run as they are.
+
+    q (B, Tq, H, D), k, v (B, Tk, H, D), mask bool (B|1, H|1, Tq|1, Tk|1) or None -> (B, Tq, H, D)."""
+    b, t, s = query.shape[0], query.shape[1], key.shape[1]
+    tp = t if t % 2 == 0 else -(-t // multiple) * multiple
+    sp = s if s % 2 == 0 else -(-s // multiple) * multiple
+    if mask is not None:  # cuDNN takes a mask as a bias of full (Tq, Tk); padded keys get none
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
+    if (tp, sp) == (t, s):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+    if mask is not None:  # padded query rows may attend (they are cut off), padded keys may not
+        mask = _pad_to(_pad_to(mask, 2, tp, True), 3, sp, False)
+    out = jax.nn.dot_product_attention(
+        _pad_to(query, 1, tp), _pad_to(key, 1, sp), _pad_to(value, 1, sp), mask=mask,
+        query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+        implementation=implementation,
+    )  # fmt: skip
+    return out[:, :t]
 
 
 def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, rate: float) -> Array:
@@ -95,160 +166,11 @@ def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, 
     s = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
                    preferred_element_type=jnp.float32)
     if mask is not None:
-        s = jnp.where(mask, s, _big_neg(s.dtype))
+        s = jnp.where(mask, s, big_neg(s.dtype))
     p = jax.nn.softmax(s, axis=-1)
     if rng is not None and rate > 0.0:
         p = jnp.where(keep_mask(rng, rate, p.shape), p / (1.0 - rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
-# ------------------------------------------------------------------------------------------ chunked attention
-
-
-def _chunks(x: Array, axis: int, chunk: int) -> Array:
-    """Pads ``axis`` to a multiple of ``chunk`` and moves the chunk index to the front: (n, ..., chunk, ...)."""
-    n = -(-x.shape[axis] // chunk)
-    pad = n * chunk - x.shape[axis]
-    if pad:
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, pad)
-        x = jnp.pad(x, widths, constant_values=True if x.dtype == jnp.bool_ else 0)
-    x = x.reshape(x.shape[:axis] + (n, chunk) + x.shape[axis + 1 :])
-    return jnp.moveaxis(x, axis, 0)
-
-
-def _unchunk(x: Array, length: int) -> Array:
-    """(n, B, chunk, ...) -> (B, length, ...)."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :length]
-
-
-def _mask_chunks(mask: Array | None, length: int, chunk: int) -> Array | None:
-    """Mask (Bm, Hm, Tm, S), Tm in {1, length} -> per-chunk masks, keys major: (n, Bm, Hm, S, chunk | 1)."""
-    if mask is None:
-        return None
-    if mask.shape[2] == 1:
-        n = -(-length // chunk)
-        return jnp.broadcast_to(jnp.swapaxes(mask, -1, -2)[None], (n,) + mask.shape[:2] + (mask.shape[3], 1))
-    return jnp.swapaxes(_chunks(mask, 2, chunk), -1, -2)
-
-
-def _scores_t(qi: Array, kh: Array, mask_i: Array | None) -> Array:
-    """(B, c, H, D) x (B, H, S, D) -> float32 scores (B, H, S, c) (keys major: the softmax reduces over a major
-    axis, which XLA:CPU vectorises far better than a minor-axis reduction)."""
-    s = jnp.einsum("bqhd,bhkd->bhkq", qi, kh, preferred_element_type=jnp.float32)
-    return s if mask_i is None else jnp.where(mask_i, s, _big_neg(s.dtype))
-
-
-def _drop_chunk(rng: Array | None, rate: float, i: Array, shape: tuple[int, ...]) -> Array | None:
-    return None if rng is None or rate <= 0.0 else keep_mask(jax.random.fold_in(rng, i), rate, shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunked(q, k, v, mask, rng, rate, chunk):
-    return _chunked_fwd(q, k, v, mask, rng, rate, chunk)[0]
-
-
-def _chunked_fwd(q, k, v, mask, rng, rate, chunk):
-    b, t, h, d = q.shape
-    qs = q * jnp.asarray(d**-0.5, q.dtype)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, H, S, D)
-    masks = _mask_chunks(mask, t, chunk)
-    drop_shape = (b, h, k.shape[1], chunk)
-
-    def one(args):
-        i, qi, mask_i = args
-        s = _scores_t(qi, kh, mask_i)  # (B, H, S, c)
-        m = s.max(axis=2)
-        p = jnp.exp(s - m[:, :, None])
-        denom = p.sum(axis=2)  # (B, H, c)
-        keep = _drop_chunk(rng, rate, i, drop_shape)
-        if keep is not None:
-            p = jnp.where(keep, p / (1.0 - rate), 0.0)
-        o = jnp.einsum("bhkq,bhkd->bqhd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-        o = o / jnp.swapaxes(denom, 1, 2)[..., None]
-        return o.astype(q.dtype), (m, 1.0 / denom)  # not m + log(denom): finfo.min + log(S) rounds to finfo.min
-
-    qc = _chunks(qs, 1, chunk)
-    out, stats = jax.lax.map(one, (jnp.arange(qc.shape[0]), qc, masks))
-    out = _unchunk(out, t)
-    return out, (q, k, v, mask, rng, out, stats)
-
-
-def _chunked_bwd(rate, chunk, res, g):
-    q, k, v, mask, rng, out, (m, inv_denom) = res
-    b, t, h, d = q.shape
-    scale = d**-0.5
-    qs = q * jnp.asarray(scale, q.dtype)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    delta = jnp.einsum("bthd,bthd->bth", out.astype(jnp.float32), g.astype(jnp.float32))  # rowsum(dO * O)
-    masks = _mask_chunks(mask, t, chunk)
-    drop_shape = (b, h, k.shape[1], chunk)
-
-    def one(carry, args):
-        dk, dv = carry
-        i, qi, gi, m_i, inv_i, delta_i, mask_i = args
-        s = _scores_t(qi, kh, mask_i)
-        p = jnp.exp(s - m_i[:, :, None]) * inv_i[:, :, None]  # (B, H, S, c) softmax, recomputed
-        dp = jnp.einsum("bqhd,bhkd->bhkq", gi, vh, preferred_element_type=jnp.float32)
-        keep = _drop_chunk(rng, rate, i, drop_shape)
-        pd = p
-        if keep is not None:
-            pd = jnp.where(keep, p / (1.0 - rate), 0.0)
-            dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
-        dv = dv + jnp.einsum("bhkq,bqhd->bhkd", pd.astype(g.dtype), gi, preferred_element_type=jnp.float32)
-        ds = p * (dp - jnp.swapaxes(delta_i, 1, 2)[:, :, None])
-        if mask_i is not None:
-            ds = jnp.where(mask_i, ds, 0.0)
-        ds = ds.astype(q.dtype)
-        dk = dk + jnp.einsum("bhkq,bqhd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-        dq = jnp.einsum("bhkq,bhkd->bqhd", ds, kh, preferred_element_type=jnp.float32) * scale
-        return (dk, dv), dq.astype(q.dtype)
-
-    zeros = jnp.zeros(kh.shape, jnp.float32)
-    qc = _chunks(qs, 1, chunk)
-    xs = (jnp.arange(qc.shape[0]), qc, _chunks(g, 1, chunk), m, inv_denom, _chunks(delta, 1, chunk), masks)
-    (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), xs)
-    dk = jnp.swapaxes(dk, 1, 2).astype(k.dtype)  # d(q_scaled . k)/dk = q_scaled: the scale is in qi
-    dv = jnp.swapaxes(dv, 1, 2).astype(v.dtype)
-    return _unchunk(dq, t), dk, dv, None, None
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
-
-
-def chunked_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    mask: Array | None = None,
-    *,
-    dropout_rng: Array | None = None,
-    dropout_rate: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> Array:
-    """Query-chunked softmax attention, differentiable, with a recomputing (flash-style) backward pass.
-
-    Args:
-      query: (B, Tq, H, D); key, value: (B, Tk, H, D).
-      mask: optional bool, broadcastable to (B, H, Tq, Tk); True = attend.
-      dropout_rng, dropout_rate: dropout on the attention weights (each weight independently); the backward
-        pass regenerates the same keep mask from the key.
-      chunk_size: queries per chunk; the scores alive at once are (B, H, Tk, chunk_size) float32.
-
-    Returns:
-      (B, Tq, H, D) in the query's dtype.
-    """
-    b, t, h, _ = query.shape
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        if mask.shape[-1] != key.shape[1]:
-            mask = jnp.broadcast_to(mask, mask.shape[:-1] + (key.shape[1],))
-        if mask.shape[2] not in (1, t):
-            raise ValueError(f"mask {mask.shape} does not broadcast to (B, H, {t}, {key.shape[1]})")
-    rng = dropout_rng if dropout_rate > 0.0 else None
-    return _chunked(query, key, value, mask, rng, float(dropout_rate), int(min(chunk_size, t)))
 
 
 def dot_product_attention(
@@ -275,6 +197,8 @@ def dot_product_attention(
                                  dropout_rate=dropout_rate if dropout else 0.0)
     if impl == "dense":
         return _dense(query, key, value, mask, dropout_rng, dropout_rate)
+    if impl == "cudnn":
+        return padded_attention(query, key, value, mask, "cudnn").astype(query.dtype)
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl).astype(query.dtype)
 
 
@@ -308,6 +232,7 @@ def multi_head_attention(
     dropout drawn per weight as PyTorch does) running :func:`dot_product_attention` with ``implementation``,
     rematerialised as ``remat_mode`` (:func:`wimfris_jax.layers.remat`; only for modules without dropout).
     Extra keyword arguments (initialisers) go to the flax module."""
+    remat_mode = resolve_remat(remat_mode)
     if remat_mode != "none" and dropout_rate > 0.0:
         raise ValueError("rematerialised attention cannot take dropout (a bool argument)")
     return remat(nn.MultiHeadDotProductAttention, remat_mode)(

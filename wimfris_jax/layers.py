@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wimfris_jax.platform import target_platform
+
 Initializer = nn.initializers.Initializer
 
 BN_MOMENTUM = 0.9  # flax convention: new = momentum * old + (1 - momentum) * batch; PyTorch's momentum 0.1
@@ -108,12 +110,18 @@ REMAT_MODES = ("none", "block", "dots")
 ACCELERATOR_REMAT = "dots"
 
 
-def resolve_remat(mode: str, backend: str | None = None) -> str:
+def resolve_remat(mode: str, platform: str | None = None) -> str:
     """``train.remat``: "auto" is :data:`ACCELERATOR_REMAT` on GPU/TPU (memory bounds the batch there) and
-    "none" on CPU (memory is plentiful, recomputation costs time); other values pass through, checked."""
-    if mode == "auto":
-        return "none" if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_REMAT
-    if mode not in REMAT_MODES:
+    "none" on CPU (memory is plentiful, recomputation costs time), for ``platform`` (default: the platform being
+    compiled for, :func:`wimfris_jax.platform.target_platform`); other values pass through, checked."""
+    if check_remat(mode) == "auto":
+        return "none" if (platform or target_platform()) == "cpu" else ACCELERATOR_REMAT
+    return mode
+
+
+def check_remat(mode: str) -> str:
+    """``mode`` if it is a ``train.remat`` value ("auto" or one of :data:`REMAT_MODES`), else a ValueError."""
+    if mode != "auto" and mode not in REMAT_MODES:
         raise ValueError(f"train.remat={mode!r}: choose one of {('auto',) + REMAT_MODES}")
     return mode
 
@@ -129,8 +137,10 @@ def remat(target: Any, mode: str) -> Any:
       (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) and recomputes the rest (norms,
       activations, softmax) -- less memory than "none", less recomputation than "block".
 
-    Parameter and variable names are unchanged (flax lifts the target into its module's own scope).
+    Parameter and variable names are unchanged (flax lifts the target into its module's own scope). "auto" is
+    resolved here, when the model is traced, for the platform being compiled for (:func:`resolve_remat`).
     """
+    mode = resolve_remat(mode)
     if mode == "none":
         return target
     if mode == "block":

@@ -39,7 +39,7 @@ from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
 from wimfris_jax.config import ConfigError, expand_preset
 from wimfris_jax.decoder import Decoder, Projector
-from wimfris_jax.layers import resolve_remat
+from wimfris_jax.layers import check_remat
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window
@@ -223,7 +223,7 @@ def model_window(model_config: Any) -> tuple[tuple[int, int], tuple[int, int] | 
 
 def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> nn.Module:
     """The model of ``config.model``: its ``family`` (default "wimfris") picks the builder in :data:`FAMILIES`."""
-    return _family(model_config)[0](model_config, dtype=dtype, remat_mode=resolve_remat(remat_mode))
+    return _family(model_config)[0](model_config, dtype=dtype, remat_mode=check_remat(remat_mode))
 
 
 def check_tokenizer(model: nn.Module, tokenizer: str) -> None:
@@ -261,7 +261,7 @@ def build_wimfris(model_config: Any, dtype: Any = None, remat_mode: str = "none"
     ``neck.kind`` and ``neck.window`` (Tables 1, 3a); DETRIS: kinds "dmoc" / "dense_aligner" (configs/detris_b.py).
     """
     cfg = model_config
-    remat_mode = resolve_remat(remat_mode)
+    remat_mode = check_remat(remat_mode)  # "auto" stays: resolved for the platform the model is compiled for
     text, vision = build_backbones(cfg, dtype, remat_mode)
     text_kind, text_layers, text_kwargs, text_scale = adapter_settings(cfg, "text", text.width, dtype)
     vision_kind, vision_layers, vision_kwargs, _ = adapter_settings(cfg, "vision", text.width, dtype)

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wimfris_jax.platform import target_platform
+
 Impl = Literal["associative", "sequential", "unrolled"]
 IMPLS: tuple[str, ...] = ("associative", "sequential", "unrolled")
 # Time steps per rematerialised chunk of the sequential scan's backward pass: None = ceil(sqrt(L)), which
@@ -59,16 +61,17 @@ UNROLL_MAX_LENGTH = 32  # default "unrolled" up to this many steps (CPU and GPU)
 UNROLL_MAX_STATE = 2**16  # ... and, on CPU, this many state entries B * D * N (MTA: 10,752; WMF at batch 2: 2,097,152)
 
 
-def default_impl(backend: str | None = None, length: int | None = None, state_size: int | None = None) -> str:
-    """The scan for a backend and a problem: on CPU (measured) ``"unrolled"`` when ``length`` <=
+def default_impl(platform: str | None = None, length: int | None = None, state_size: int | None = None) -> str:
+    """The scan for a platform and a problem: on CPU (measured) ``"unrolled"`` when ``length`` <=
     :data:`UNROLL_MAX_LENGTH` and ``state_size`` (B * D * N) <= :data:`UNROLL_MAX_STATE`, else ``"sequential"``;
     on GPU (measured on an H200) ``"unrolled"`` when ``length`` <= :data:`UNROLL_MAX_LENGTH`, else
-    ``"associative"``; ``"associative"`` on TPU (unmeasured)."""
-    backend = backend or jax.default_backend()
+    ``"associative"``; ``"associative"`` on TPU (unmeasured). ``platform`` defaults to the platform being compiled
+    for (:func:`wimfris_jax.platform.target_platform`)."""
+    platform = platform or target_platform()
     short = length is not None and length <= UNROLL_MAX_LENGTH
-    if backend == "gpu" and short:
+    if platform == "gpu" and short:
         return "unrolled"
-    if backend != "cpu":
+    if platform != "cpu":
         return "associative"
     small = state_size is not None and state_size <= UNROLL_MAX_STATE
     return "unrolled" if short and small else "sequential"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wimfris_jax.platform import for_devices
 from wimfris_jax.train import freeze
 from wimfris_jax.train.sharding import batch_sharding
 from wimfris_jax.train.state import TrainState
@@ -97,10 +98,12 @@ def jit_train_step(
     *,
     donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """``jax.jit`` with GSPMD shardings: state as ``state_shardings``, batch over "data", metrics replicated."""
+    """``jax.jit`` with GSPMD shardings: state as ``state_shardings``, batch over "data", metrics replicated; the
+    kernels (attention, remat "auto", scan) are chosen for the mesh's platform (:func:`wimfris_jax.platform.
+    for_devices`), so an ahead-of-time compile for a GPU or TPU mesh from a CPU host chooses as that device would."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
-        step,
+        for_devices(step, mesh),
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,) if donate else (),
