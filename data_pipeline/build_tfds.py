@@ -25,6 +25,7 @@ from unittest import mock
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import feature as feature_lib
 
+from data_pipeline.instances import InstancesFileError, find_ref_entries, read_instances
 from data_pipeline.refcoco import CONFIGS
 from data_pipeline.refer import VALID, default_image_dir, load_refs
 
@@ -46,22 +47,23 @@ def make_manual_dir(
             continue
         anns_path = os.path.join(refer_root, dataset, "instances.json")
         instance_files.append(anns_path)
-        with open(anns_path) as f:
-            anns = {a["id"]: a for a in json.load(f)["annotations"]}
+        images, anns = read_instances(anns_path)
         for ref in load_refs(path):
-            if ref["ann_id"] not in anns:
-                raise ValueError(f"{anns_path}: annotation {ref['ann_id']} of ref {ref['ref_id']} is missing")
-            refs.append({**ref, "ann": anns[ref["ann_id"]], "dataset": dataset, "dataset_partition": split_by})
+            _, ann = find_ref_entries(anns_path, ref, images, anns)
+            refs.append({**ref, "ann": ann, "dataset": dataset, "dataset_partition": split_by})
     if not refs:
         raise FileNotFoundError(f"no refs(<split_by>).p files under {refer_root}/<refcoco|refcoco+|refcocog>/")
     images, by_image = {}, {}
     for path in [coco_instances] if coco_instances else instance_files:
-        with open(path) as f:
-            inst = json.load(f)
-        images.update({im["id"]: im for im in inst["images"]})
-        for a in inst["annotations"]:
+        file_images, file_anns = read_instances(path)
+        images.update(file_images)
+        for a in file_anns.values():
             by_image.setdefault(a["image_id"], {})[a["id"]] = a
     needed = sorted({r["image_id"] for r in refs})
+    missing = [i for i in needed if i not in images]
+    if missing:
+        where = coco_instances or ", ".join(instance_files)
+        raise InstancesFileError(f"{where}: field 'images' has no id {missing[:5]}, which refs name")
     coco_anns = {str(i): {"info": images[i], "anns": list(by_image.get(i, {}).values())} for i in needed}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "refcoco.json"), "w") as f:

@@ -7,32 +7,26 @@ same matrix (bilinear, border 0) and divided by 255, giving a soft mask; the mod
 128 x 128 logits after a PyTorch `nearest` resize, src index floor(i * S / 128), which is done here once.
 Evaluation keeps the inverse matrix and the original-size mask (metric: DETRIS `engine.inference`).
 
-Images are decoded like DETRIS (`cv2.imdecode(IMREAD_COLOR)` then BGR -> RGB: grayscale, RGBA, palette,
-CMYK and 16-bit inputs all become uint8 RGB), with PIL as a fallback decoder. EXIF orientation is ignored
-(DETRIS applies it): COCO polygons are drawn on the stored pixel grid, and tfds decodes the same way.
-All arrays are channels-last.
+Images are decoded like DETRIS, after a check of their size by header (:mod:`data_pipeline.images`, whose
+``ExampleError``, ``decode_image`` and ``load_image`` are importable from here too). All arrays are channels-last.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from data_pipeline.images import ExampleError
+from data_pipeline.images import decode_image as decode_image  # re-exported: the decoders' old home
+from data_pipeline.images import load_image as load_image
 from data_pipeline.tokenizer import clean, text_ids
-from wimfris_jax.errors import UserError
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP, RGB
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 BORDER_VALUE = tuple(float(m) * 255.0 for m in (0.48145466, 0.4578275, 0.40821073))  # DETRIS warp border
-
-
-class ExampleError(UserError, ValueError):
-    """An example cannot be used; the message names it (ids and/or file)."""
 
 
 def describe(example: Mapping[str, Any]) -> str:
@@ -40,34 +34,6 @@ def describe(example: Mapping[str, Any]) -> str:
     keys = ("image_id", "ann_id", "ref_id", "sent_id", "file")
     parts = [f"{k}={example[k]}" for k in keys if k in example]
     return ", ".join(parts) if parts else "<example without ids>"
-
-
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decodes encoded image bytes to uint8 RGB (H, W, 3) as DETRIS does (OpenCV), PIL as fallback."""
-    buf = np.frombuffer(data, np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
-    if img is not None:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    try:
-        with Image.open(io.BytesIO(data)) as pil:
-            if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(pil, np.float64)
-                top = 65535.0 if pil.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                gray = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=-1)
-            return np.asarray(pil.convert("RGB"), np.uint8).copy()
-    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
-        raise ExampleError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
-
-
-def load_image(path: str) -> np.ndarray:
-    """Reads an image file to uint8 RGB (H, W, 3); a clear error naming the file if missing or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ExampleError(f"cannot read image file {path}: {e}") from e
-    return decode_image(data, path)
 
 
 def _letterbox_points(h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
 
-from data_pipeline.preprocess import ExampleError, decode_image
+from data_pipeline.images import ExampleError, decode_image, decode_mask
 
 CONFIGS = {  # tfds config -> (refer dataset, split_by, tfds splits)
     "refcoco_unc": ("refcoco", "unc", ("train", "validation", "testA", "testB")),
@@ -97,8 +96,9 @@ class RefCocoTfdsSource:
         texts = [t.decode("utf-8") for t in rec["objects/refexp/raw/ragged_flat_values"][start : start + lengths[o]]]
         sent_ids = rec["objects/refexp/refexp_id/ragged_flat_values"][start : start + lengths[o]]
         ids = {"image_id": int(rec["image/id"][0]), "ann_id": int(rec["objects/id"][o]), "ref_id": -1}
-        image = decode_image(rec["image"][0], f"ref_coco/{self.config}/{self.split} record {r} (example {ids})")
-        mask = cv2.imdecode(np.frombuffer(rec["objects/mask"][o], np.uint8), cv2.IMREAD_GRAYSCALE)
+        name = f"ref_coco/{self.config}/{self.split} record {r}"
+        image = decode_image(rec["image"][0], f"{name} (example {ids})")
+        mask = decode_mask(rec["objects/mask"][o], f"{name} mask {o} (example {ids})")
         if mask is None or mask.shape != image.shape[:2]:
             got = None if mask is None else mask.shape
             raise ExampleError(f"ref_coco/{self.config} record {r}: bad mask {got} for image {image.shape} ({ids})")

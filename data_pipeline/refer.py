@@ -6,10 +6,12 @@ into one object mask and its sentences (`sent`, the lower-cased punctuation-free
     <data_root>/<dataset>/refs(<split_by>).p   Python-2 pickle of the ref dicts (read without `pickle.load`:
                                                a restricted unpickler admits builtin containers/scalars only,
                                                and bounds the file size, nesting depth and expansion)
-    <data_root>/<dataset>/instances.json       COCO images/annotations of those images
+    <data_root>/<dataset>/instances.json       COCO images/annotations of those images, size-checked before it is
+                                               parsed and checked field by field (:mod:`data_pipeline.instances`)
     <image_dir>/COCO_train2014_*.jpg           default <data_root>/images/mscoco/images/train2014
 
-The object mask is the union of the annotation's polygons (or its RLE), decoded with pycocotools.
+The object mask is the union of the annotation's polygons (or its RLE), decoded with pycocotools
+(:func:`data_pipeline.instances.ann_to_mask`).
 Examples follow the refs file order, one per sentence (`unit="sentence"`) or one per object
 (`unit="object"`: "sentence" is the first sentence, "sentences" all of them, as DETRIS samples).
 """
@@ -18,16 +20,15 @@ from __future__ import annotations
 
 import builtins
 import io
-import json
 import os
 import pickle
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-from data_pipeline.preprocess import ExampleError, load_image
+from data_pipeline.images import ExampleError, load_image
+from data_pipeline.instances import ann_to_mask as ann_to_mask  # re-exported: its old home
+from data_pipeline.instances import find_ref_entries, read_instances
 from wimfris_jax.errors import UserError
+from wimfris_jax.io import check_file_size
 
 VALID = {
     ("refcoco", "unc"): ("train", "val", "testA", "testB"),
@@ -44,15 +45,19 @@ _SAFE_BUILTINS = frozenset({"dict", "list", "tuple", "set", "frozenset", "str", 
 _SIZED = {"bytes": bytes, "bytearray": bytearray}  # admitted, but never from a size: bytes(10**12) is 20 bytes
 # Bounds of what a refs file may hold. The refer files are tens of MB, a list of dicts of lists at most ~6 deep,
 # and every value in them costs at least one byte of pickle; a file whose values, counting a shared one each time
-# it is reached, outnumber EXPANSION x its bytes reuses the pickle memo to build an exponential structure.
+# it is reached, outnumber EXPANSION x its bytes reuses the pickle memo to build an exponential structure. The
+# released files hold ~50k refs of at most a few tens of sentences each: a list or dict of more than MAX_ITEMS entries
+# is refused before it is copied, a ref of more than MAX_SENTENCES sentences before the examples are indexed.
 MAX_REFS_BYTES = 512 << 20
 MAX_DEPTH = 32
 EXPANSION = 2
+MAX_ITEMS = 1_000_000
+MAX_SENTENCES = 1000
 
 
 class RefsFileError(UserError, ValueError):
-    """A refs file that is too large, too deep, self-amplifying, unreadable or not a list of ref dicts, or a
-    dataset / split_by / split that the refer layout does not have."""
+    """A refs file that is too large, too deep, self-amplifying, unreadable, not a list of ref dicts or holding a ref
+    with too many or malformed sentences, or a dataset / split_by / split that the refer layout does not have."""
 
 
 class UnsafeRefsError(RefsFileError, pickle.UnpicklingError):
@@ -87,13 +92,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _to_str(obj: Any, path: str, budget: int) -> Any:
     """Python-2 byte strings -> str (UTF-8, else Latin-1), recursively; other values unchanged.
 
-    Raises RefsFileError, naming ``path``, when ``obj`` nests deeper than MAX_DEPTH or holds more than ``budget``
-    values (a value reached through several shared references counts each time), before doing that much work.
+    Raises RefsFileError, naming ``path``, when ``obj`` nests deeper than MAX_DEPTH, holds more than ``budget``
+    values (a value reached through several shared references counts each time) or a container of more than
+    MAX_ITEMS entries (naming the ref and its field), before doing that much work.
     """
-    count = 0
+    count, ref, field = 0, "?", "?"
 
     def walk(o: Any, depth: int) -> Any:
-        nonlocal count
+        nonlocal count, ref, field
         count += 1
         if count > budget:
             raise RefsFileError(
@@ -107,8 +113,20 @@ def _to_str(obj: Any, path: str, budget: int) -> Any:
                 return o.decode("utf-8")
             except UnicodeDecodeError:
                 return o.decode("latin-1")
+        if isinstance(o, (dict, list, tuple, set, frozenset)) and len(o) > MAX_ITEMS:
+            where = "the file" if depth == 0 else f"ref {ref!r:.40}" + (f", field {field!r:.40}" if depth > 1 else "")
+            raise RefsFileError(
+                f"{path}: {where} holds a {type(o).__name__} of {len(o):,} entries, over the {MAX_ITEMS:,}-entry limit"
+            )
         if isinstance(o, dict):
-            return {walk(k, depth + 1): walk(v, depth + 1) for k, v in o.items()}
+            if depth == 1:
+                ref = o.get(b"ref_id", o.get("ref_id", "?"))
+            out = {}
+            for k, v in o.items():
+                key = walk(k, depth + 1)
+                field = key if depth == 1 else field
+                out[key] = walk(v, depth + 1)
+            return out
         if isinstance(o, (list, tuple, set, frozenset)):
             return type(o)(walk(v, depth + 1) for v in o)
         return o
@@ -121,14 +139,13 @@ def load_refs(path: str, max_bytes: int = MAX_REFS_BYTES) -> list[dict[str, Any]
 
     Returns the ref dicts, byte strings decoded. Raises FileNotFoundError when the file is missing, UnsafeRefsError
     (an UnpicklingError) when it names a class or function, and RefsFileError when it is larger than
-    ``max_bytes``, nests deeper than MAX_DEPTH, expands to more than EXPANSION values per byte, or is not a list
-    of ref dicts: each in one line naming the file, before the work or memory such a file would take.
+    ``max_bytes``, nests deeper than MAX_DEPTH, expands to more than EXPANSION values per byte, holds a container of
+    more than MAX_ITEMS entries, is not a list of ref dicts, or holds a ref whose "sentences" is not a list of at most
+    MAX_SENTENCES: each in one line naming the file (and the ref), before the work or memory such a file would take.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"refs file not found: {path}; {_DOWNLOAD}")
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise RefsFileError(f"{path}: {size:,} bytes, over the {max_bytes:,}-byte limit of a refs file")
+    size = check_file_size(path, max_bytes, "a refs file", RefsFileError)
     with open(path, "rb") as f:
         try:
             refs = _RestrictedUnpickler(f, path).load()
@@ -143,25 +160,28 @@ def load_refs(path: str, max_bytes: int = MAX_REFS_BYTES) -> list[dict[str, Any]
         missing = [r.get("ref_id", "?") for r in refs if key not in r]
         if missing:
             raise RefsFileError(f"{path}: refs {missing[:5]} lack the key {key!r}")
+    for r in refs:
+        bad = [k for k in ("ref_id", "ann_id", "image_id") if not isinstance(r[k], int)]
+        if bad or not isinstance(r["split"], str):
+            field = bad[0] if bad else "split"
+            raise RefsFileError(f"{path}: ref {r['ref_id']!r:.40}, field {field!r} is a {type(r[field]).__name__}")
+        sentences = r["sentences"]
+        if not isinstance(sentences, list) or len(sentences) > MAX_SENTENCES:
+            what = f"{len(sentences):,} sentences" if isinstance(sentences, list) else f"a {type(sentences).__name__}"
+            raise RefsFileError(
+                f"{path}: ref {r['ref_id']}, field 'sentences': {what}, not a list of at most {MAX_SENTENCES:,}"
+            )
     return refs
 
 
-def ann_to_mask(ann: dict[str, Any], h: int, w: int) -> np.ndarray:
-    """uint8 {0,1} (h, w) union mask of a COCO annotation (polygons, uncompressed or compressed RLE)."""
-    seg = ann["segmentation"]
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-        rle = mask_utils.frPyObjects(seg, h, w)
-    elif isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes)):
-        counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
-        rle = {"counts": counts, "size": list(seg["size"])}
-    else:
-        raise ValueError(f"annotation {ann.get('id')}: unknown segmentation format {type(seg).__name__}")
-    m = mask_utils.decode(rle)
-    if m.shape != (h, w):
-        raise ValueError(f"annotation {ann.get('id')}: mask {m.shape} does not match image size {(h, w)}")
-    return (m > 0).astype(np.uint8)
+def _check_sentences(path: str, ref: dict[str, Any], field: str) -> None:
+    """RefsFileError naming the refs file ``path`` and the ref when one of its sentences is not a dict holding the
+    text ``field`` (a str) and an integer ``sent_id``."""
+    for k, s in enumerate(ref["sentences"]):
+        if not isinstance(s, dict) or not isinstance(s.get(field), str) or not isinstance(s.get("sent_id"), int):
+            raise RefsFileError(
+                f"{path}: ref {ref['ref_id']}, sentences[{k}] is not a dict with a str {field!r} and an int 'sent_id'"
+            )
 
 
 def default_image_dir(data_root: str) -> str:
@@ -215,16 +235,11 @@ class ReferSource:
         instances_path = os.path.join(data_root, dataset, "instances.json")
         if not os.path.isfile(instances_path):
             raise FileNotFoundError(f"instances file not found: {instances_path}; {_DOWNLOAD}")
-        with open(instances_path) as f:
-            instances = json.load(f)
-        needed_anns = {r["ann_id"] for r in self.refs}
-        self.anns = {a["id"]: a for a in instances["annotations"] if a["id"] in needed_anns}
-        self.images = {im["id"]: im for im in instances["images"]}
+        images, anns = read_instances(instances_path)
+        self.images, self.anns = {}, {}  # those the split's refs name
         for r in self.refs:
-            if r["ann_id"] not in self.anns:
-                raise ValueError(f"{instances_path}: annotation {r['ann_id']} of ref {r['ref_id']} is missing")
-            if r["image_id"] not in self.images:
-                raise ValueError(f"{instances_path}: image {r['image_id']} of ref {r['ref_id']} is missing")
+            self.images[r["image_id"]], self.anns[r["ann_id"]] = find_ref_entries(instances_path, r, images, anns)
+            _check_sentences(refs_path, r, sentence_field)
         if unit == "sentence":
             self._index = [(k, j) for k, r in enumerate(self.refs) for j in range(len(r["sentences"]))]
         else:

@@ -196,14 +196,16 @@ def wordpiece_vocab(tokenizer: str) -> str | None:
 
 
 def vocabulary_size(tokenizer: str = "clip") -> int:
-    """How many ids ``tokenizer`` (a ``config.data.tokenizer`` value, see :func:`text_ids`) can produce: 49,408 for
-    CLIP's BPE, the vocabulary's length for WordPiece (read from the file)."""
+    """One more than the largest id ``tokenizer`` (a ``config.data.tokenizer`` value, see :func:`text_ids`) can
+    produce, i.e. the rows an embedding needs: 49,408 for CLIP's BPE; for WordPiece, read from the file, its largest
+    id + 1 (not its number of entries: a ``tokenizer.json`` may number its tokens sparsely; ids are never negative,
+    :func:`data_pipeline.wordpiece.read_vocab`)."""
     vocab = wordpiece_vocab(tokenizer)
     if vocab is None:
         return CLIP_VOCAB_SIZE
     from data_pipeline.wordpiece import read_vocab, vocab_file  # lazy, as in text_ids
 
-    return len(read_vocab(vocab_file(vocab)))
+    return max(read_vocab(vocab_file(vocab)).values()) + 1
 
 
 class TokenizerSpecError(UserError, ValueError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 from collections.abc import Sequence
 
@@ -25,12 +24,17 @@ import numpy as np
 
 from data_pipeline.tokenizer import VocabularyMissingError, transformers_class, warn_truncated
 from wimfris_jax.errors import UserError
+from wimfris_jax.io import check_file_size, read_json_object
 
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+# Bounds of a vocabulary file: BERT's are 0.2-1 MB (30,522 to 119,547 entries; XLM-R's 250,002).
+MAX_VOCAB_BYTES = 64 << 20
+MAX_VOCAB_ENTRIES = 1_000_000
 
 
 class VocabularyError(UserError, ValueError):
-    """A BERT vocabulary that cannot serve the model: unreadable, or without [PAD] = 0, [UNK], [CLS] or [SEP]."""
+    """A BERT vocabulary that cannot serve the model: unreadable, too large, with an id that is not an integer from 0
+    to MAX_VOCAB_ENTRIES - 1, or without [PAD] = 0, [UNK], [CLS] or [SEP]."""
 
 
 def vocab_file(vocab: str | os.PathLike) -> str:
@@ -46,20 +50,45 @@ def vocab_file(vocab: str | os.PathLike) -> str:
     return path
 
 
+def _read_vocab_txt(path: str) -> dict[str, int]:
+    """{token: line number} of a ``vocab.txt`` (transformers' ``load_vocab``), read line by line: more than
+    MAX_VOCAB_ENTRIES lines is a VocabularyError before the rest is read."""
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i >= MAX_VOCAB_ENTRIES:
+                raise VocabularyError(f"BERT vocabulary {path} has more than {MAX_VOCAB_ENTRIES:,} lines")
+            vocab[line.rstrip("\n")] = i  # a repeated token keeps its last id, as load_vocab does
+    return vocab
+
+
+def _read_tokenizer_json(path: str) -> dict[str, int]:
+    """``model.vocab`` of a ``tokenizer.json``, checked: at most MAX_VOCAB_ENTRIES entries, each id an integer in
+    [0, MAX_VOCAB_ENTRIES)."""
+    model = read_json_object(path, VocabularyError, MAX_VOCAB_BYTES).get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict):
+        raise VocabularyError(f"BERT vocabulary {path}: field 'model.vocab' is not a {{token: id}} object")
+    if len(vocab) > MAX_VOCAB_ENTRIES:
+        raise VocabularyError(f"BERT vocabulary {path} has {len(vocab):,} entries, over {MAX_VOCAB_ENTRIES:,}")
+    for token, i in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_VOCAB_ENTRIES:
+            raise VocabularyError(
+                f"BERT vocabulary {path}: token {token!r:.40} has id {i!r:.40}, not an integer from 0 to "
+                f"{MAX_VOCAB_ENTRIES - 1:,}"
+            )
+    return vocab
+
+
 def read_vocab(path: str) -> dict[str, int]:
     """{token: id} of a ``vocab.txt`` (line numbers; transformers' ``load_vocab``) or a ``tokenizer.json``
-    (``model.vocab``), checked: [PAD] is 0, [UNK], [CLS] and [SEP] exist."""
+    (``model.vocab``), checked: at most MAX_VOCAB_BYTES (before reading) and MAX_VOCAB_ENTRIES entries, ids from 0
+    to MAX_VOCAB_ENTRIES - 1, [PAD] is 0, [UNK], [CLS] and [SEP] exist. VocabularyError, one line naming the file,
+    otherwise."""
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".json"):
-                vocab = json.load(f)["model"]["vocab"]
-                if not isinstance(vocab, dict):
-                    raise TypeError("model.vocab is not a {token: id} object")
-            else:
-                vocab = {}
-                for i, line in enumerate(f):
-                    vocab[line.rstrip("\n")] = i  # a repeated token keeps its last id, as load_vocab does
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        check_file_size(path, MAX_VOCAB_BYTES, "a vocabulary", VocabularyError)
+        vocab = _read_tokenizer_json(path) if path.endswith(".json") else _read_vocab_txt(path)
+    except (OSError, UnicodeDecodeError) as e:
         raise VocabularyError(f"BERT vocabulary {path} is unreadable ({type(e).__name__}: {e})") from e
     missing = [t for t in SPECIAL if t not in vocab]
     if missing:

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from data_pipeline.refer import ann_to_mask
+from data_pipeline.instances import ann_to_mask
 
 # (dataset, split_by) -> splits, as in the released refer files
 SPLITS = {

@@ -98,6 +98,9 @@ def bad_inputs(tmp_path_factory):
     from PIL import Image
 
     Image.new("RGB", (20, 10), (200, 30, 30)).save(d / "ok.png")
+    from fake_images import header_only_png
+
+    (d / "bomb.png").write_bytes(header_only_png(50000, 50000))  # OpenCV: a traceback; 20000 x 20000: > 9 GB
     (d / "empty").mkdir()
     ckpt = d / "run"
     ckpt.mkdir()
@@ -110,6 +113,7 @@ def bad_inputs(tmp_path_factory):
     [
         ("missing.png", "the red circle", "run", "no such image file or folder: {d}/missing.png"),
         ("notes.png", "the red circle", "run", "{d}/notes.png is not a readable image"),
+        ("bomb.png", "the red circle", "run", "{d}/bomb.png: 50000 x 50000 pixels (2500.0 Mpx) is above the limit"),
         ("ok.png", "   ", "run", "empty sentence '   '"),
         ("empty", "the red circle", "run", "folder {d}/empty holds no image file"),
         ("ok.png", "the red circle", "no_run", "no such checkpoint: {d}/no_run"),
@@ -196,6 +200,9 @@ def user_error_inputs(tmp_path_factory):
     (d / "truncated.msgpack").write_bytes(data[: len(data) // 2])
     (d / "random.msgpack").write_bytes(np.random.default_rng(0).bytes(4096))
     Image.new("RGB", (20, 10), (200, 30, 30)).save(d / "ok.png")
+    from fake_images import header_only_png
+
+    (d / "bomb.png").write_bytes(header_only_png(50000, 50000))  # OpenCV: a traceback; 20000 x 20000: > 9 GB
     (d / "foreign").mkdir()
     (d / "refer" / "images" / "mscoco" / "images" / "train2014").mkdir(parents=True)
     (d / "refer" / "refcoco").mkdir()

@@ -144,7 +144,7 @@ def test_tokenizer_that_overflows_the_text_tower_is_refused(tmp_path, capsys):
     config = load_config(QUICK)
     model = build_model(config.model)
     check_tokenizer(model, config.data.tokenizer)
-    with pytest.raises(ConfigError, match=r"tokenizer='clip' has 49,408 token ids but .* text tower embeds 22"):
+    with pytest.raises(ConfigError, match=r"tokenizer='clip' has ids up to 49,407 but .* embeds 22 \(ids 0 to 21"):
         check_tokenizer(model, "clip")
     run = str(tmp_path / "run")
     assert main(["train", "--config", QUICK, "--workdir", run, "--set", "data.tokenizer=clip"]) == 1

@@ -4,6 +4,7 @@ truncated layout, from a vocab.txt or a folder (vocab.txt or tokenizer.json), an
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 
@@ -126,3 +127,55 @@ def test_missing_and_bad_vocabularies(tmp_path):
     no_sep.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "the"]) + "\n", encoding="utf-8")
     with pytest.raises(VocabularyError, match=r"lacks the special token\(s\) \['\[SEP\]'\]"):
         wordpiece_tokenize("the", 8, no_sep)
+
+
+def _tokenizer_json(path, vocab: dict) -> str:
+    path.write_text(json.dumps({"model": {"type": "WordPiece", "vocab": vocab}}), encoding="utf-8")
+    return str(path)
+
+
+def test_model_check_uses_the_largest_id_not_the_number_of_tokens(tmp_path):
+    """7 tokens numbered up to 60,006 passed a count check, then VIPA's loss went non-finite minutes later."""
+    from types import SimpleNamespace
+
+    from data_pipeline.tokenizer import vocabulary_size
+    from wimfris_jax.config import ConfigError
+    from wimfris_jax.model import check_tokenizer
+
+    sparse = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "the": 4, "dog": 5, "cat": 60006}
+    spec = "wordpiece:" + _tokenizer_json(tmp_path / "tokenizer.json", sparse)
+    assert vocabulary_size(spec) == 60007
+    bert = SimpleNamespace(text_encoder=SimpleNamespace(vocab_size=30522))
+    with pytest.raises(ConfigError, match=r"has ids up to 60,006 but the model's text tower embeds 30,522 \(ids 0 to"):
+        check_tokenizer(bert, spec)
+    check_tokenizer(SimpleNamespace(text_encoder=SimpleNamespace(vocab_size=60007)), spec)  # fits: no error
+
+
+@pytest.mark.parametrize("bad_id", [-1, "7", 1.5, True, 10**6])
+def test_ids_that_are_negative_or_not_integers_are_refused(tmp_path, bad_id):
+    path = _tokenizer_json(tmp_path / "tokenizer.json", {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "x": bad_id})
+    with pytest.raises(VocabularyError) as e:
+        wordpiece.read_vocab(path)
+    assert str(e.value) == f"BERT vocabulary {path}: token 'x' has id {bad_id!r}, not an integer from 0 to 999,999"
+
+
+def test_vocabulary_size_and_lines_are_bounded_before_reading(tmp_path, monkeypatch):
+    """A 500 MB vocabulary cost 5.2 GB and 142 s before its refusal: now the size is checked first."""
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    size = os.path.getsize(path)
+    monkeypatch.setattr(wordpiece, "MAX_VOCAB_BYTES", size - 1)
+    monkeypatch.setattr(wordpiece, "_read_vocab_txt", lambda p: pytest.fail("read a file over the limit"))
+    with pytest.raises(VocabularyError) as e:
+        wordpiece.read_vocab(str(path))
+    assert str(e.value) == f"{path}: {size:,} bytes, over the {size - 1:,}-byte limit of a vocabulary"
+    monkeypatch.undo()
+    monkeypatch.setattr(wordpiece, "MAX_VOCAB_ENTRIES", 10)
+    with pytest.raises(VocabularyError, match=r"vocab\.txt has more than 10 lines"):
+        wordpiece.read_vocab(str(path))
+    json_path = _tokenizer_json(tmp_path / "tokenizer.json", {t: i for i, t in enumerate(VOCAB)})
+    with pytest.raises(VocabularyError, match=rf"tokenizer\.json has {len(VOCAB)} entries, over 10"):
+        wordpiece.read_vocab(json_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": []}')
+    with pytest.raises(VocabularyError, match=r"field 'model.vocab' is not a \{token: id\} object"):
+        wordpiece.read_vocab(json_path)

@@ -68,14 +68,33 @@ def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> 
     raise OutputError(f"{what} {path} cannot be written ({why})")
 
 
-def read_json_object(path: str | os.PathLike, error: type[Exception] = UserError) -> dict[str, Any]:
-    """The JSON object in the file ``path``; ``error`` with one line naming the file when it is not valid JSON
-    or holds something else than an object."""
+MAX_JSON_BYTES = 1 << 30  # 1 GiB: a COCO instances file is ~0.1-0.4 GB (parsing costs ~10x its size in memory)
+
+
+def check_file_size(path: str | os.PathLike, max_bytes: int, what: str, error: type[Exception] = UserError) -> int:
+    """The size in bytes of the file ``path``; ``error`` with one line naming the file, its size and the limit
+    (``"<path>: 1,234 bytes, over the 1,000-byte limit of <what>"``) when it is larger than ``max_bytes``, before
+    anything reads it. FileNotFoundError (naming it) when it is missing."""
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise error(f"{os.fspath(path)}: {size:,} bytes, over the {max_bytes:,}-byte limit of {what}")
+    return size
+
+
+def read_json_object(
+    path: str | os.PathLike, error: type[Exception] = UserError, max_bytes: int = MAX_JSON_BYTES
+) -> dict[str, Any]:
+    """The JSON object in the file ``path``; ``error`` with one line naming the file when it is larger than
+    ``max_bytes`` (checked before reading), is not valid UTF-8 JSON, nests too deeply for the parser, or holds
+    something else than an object."""
+    check_file_size(path, max_bytes, "a JSON file", error)
     with open(path, encoding="utf-8") as f:
         try:
             value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise error(f"{path} is not valid JSON: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise error(f"{path} is not valid JSON: {one_line(e)}") from e
+        except RecursionError as e:
+            raise error(f"{path} is not valid JSON: nested too deeply to parse") from e
     if not isinstance(value, dict):
         raise error(f"{path} holds a {type(value).__name__}, not a JSON object")
     return value

@@ -228,19 +228,20 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
 
 def check_tokenizer(model: nn.Module, tokenizer: str) -> None:
     """Raises a ConfigError when ``tokenizer`` (``config.data.tokenizer``) can produce ids that ``model``'s text tower
-    cannot embed: the embedding gather would clamp them silently (CLIP ids into a BERT, say). Models without a
-    ``text_encoder.vocab_size`` are not checked."""
+    cannot embed, i.e. its largest id is >= ``vocab_size``: the embedding gather would clamp them silently (CLIP ids
+    into a BERT, say) or the loss turn non-finite. Models without a ``text_encoder.vocab_size`` are not checked."""
     # data_pipeline imports wimfris_jax (its errors), whose __init__ reaches this module: imported here, not at the top
     from data_pipeline.tokenizer import vocabulary_size
 
     size = getattr(getattr(model, "text_encoder", None), "vocab_size", None)
     if size is None:
         return
-    n = vocabulary_size(tokenizer)
+    n = vocabulary_size(tokenizer)  # the largest id + 1, not the number of tokens
     if n > int(size):
         raise ConfigError(
-            f"config.data.tokenizer={tokenizer!r} has {n:,} token ids but the model's text tower embeds {int(size):,} "
-            "(config.model.text.vocab_size): pick the tokenizer of the text weights"
+            f"config.data.tokenizer={tokenizer!r} has ids up to {n - 1:,} but the model's text tower embeds "
+            f"{int(size):,} (ids 0 to {int(size) - 1:,}, config.model.text.vocab_size): pick the tokenizer of the text "
+            "weights"
         )
 
 

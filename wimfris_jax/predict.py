@@ -7,18 +7,25 @@ letterbox, ``> 0.35``), so a saved mask is the one the metrics would score.
 
 The model comes from :func:`wimfris_jax.load.load_model` (a training run directory or a converted weights
 file); the config, when not given, is the ``config.json`` a training run writes into its directory.
+
+Images are checked by their headers before the model is loaded (:func:`data_pipeline.images.image_size`: readable,
+and within the pixel limit ``WIMFRIS_MAX_IMAGE_PIXELS``), then decoded one batch at a time as the model needs them
+(:func:`predict_stream`): a folder of any length holds at most one batch of decoded images in memory. A file that
+fails either step is reported in one line and skipped; the others are predicted.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
 
-from data_pipeline.preprocess import ExampleError, inverse_letterbox_matrix, letterbox_image, load_image, normalize
+from data_pipeline.images import ExampleError, ImageTooLargeError, image_size, load_image
+from data_pipeline.preprocess import inverse_letterbox_matrix, letterbox_image, normalize
 from data_pipeline.tokenizer import clean, text_ids
 from wimfris_jax.config import load_config, read_run_config
 from wimfris_jax.errors import UserError
@@ -64,15 +71,24 @@ def check_sentence(text: str | None) -> str:
     return text
 
 
-def read_images(paths: Sequence[str]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-    """``({i: uint8 RGB (H, W, 3)} of the readable files, {i: one-line message} of the others)``, by position."""
-    images, bad = {}, {}
+def _unreadable(path: str, error: ExampleError) -> str:
+    """The one-line report of an image that cannot be used."""
+    if isinstance(error, ImageTooLargeError):
+        return str(error)  # names the file, its size and the limit
+    return f"{path} is not a readable image ({str(error).splitlines()[0]})"
+
+
+def check_images(paths: Sequence[str]) -> tuple[list[int], dict[int, str]]:
+    """``(positions of the files whose header is readable and within the pixel limit, {i: one-line message} of the
+    others)``, from the headers alone: nothing is decoded."""
+    readable, bad = [], {}
     for i, p in enumerate(paths):
         try:
-            images[i] = load_image(p)
+            image_size(p)
+            readable.append(i)
         except ExampleError as e:
-            bad[i] = f"{p} is not a readable image ({str(e).splitlines()[0]})"
-    return images, bad
+            bad[i] = _unreadable(p, e)
+    return readable, bad
 
 
 def find_config(checkpoint: str, config: str | None = None) -> Any:
@@ -91,6 +107,53 @@ def find_config(checkpoint: str, config: str | None = None) -> Any:
     raise PredictError(f"no config.json found beside {checkpoint}; pass --config")
 
 
+def _batch_masks(
+    forward: Any, variables: Any, images: Sequence[np.ndarray], ids: np.ndarray, image_size: int
+) -> list[np.ndarray]:
+    """(H_i, W_i) bool masks of ``images`` (at most B uint8 RGB (H_i, W_i, 3)) from one forward call on ``ids``
+    (B, L), the batch padded to B by repeating its last image (one compiled shape for every batch)."""
+    x = np.stack([normalize(letterbox_image(im, image_size)) for im in images])
+    n, b = len(images), len(ids)
+    if n < b:
+        x = np.concatenate([x, np.repeat(x[-1:], b - n, axis=0)])
+    logits = np.asarray(forward(variables, x, ids))[:n]
+    sizes = [im.shape[:2] for im in images]
+    return [postprocess(lg, inverse_letterbox_matrix(h, w, image_size), (h, w), image_size) for (h, w), lg in
+            zip(sizes, logits)]  # fmt: skip
+
+
+def predict_stream(
+    model: Any,
+    variables: Any,
+    images: Iterable[tuple[Any, np.ndarray]],
+    sentence: str,
+    *,
+    image_size: int,
+    word_len: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    total: int | None = None,
+    tokenizer: str = "clip",
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """Yields ``(key, image, mask)`` for each ``(key, uint8 RGB (H, W, 3) image)`` of ``images``, in order: the mask
+    (H, W) bool of the object ``sentence`` names (``tokenizer``: see :func:`data_pipeline.tokenizer.text_ids`).
+
+    ``images`` is consumed ``batch_size`` items at a time, and a batch is let go before the next is drawn: given a
+    generator that decodes lazily, at most one batch of decoded images is alive (besides the one the caller holds).
+    ``total``: the number of images, for the progress bar.
+    """
+    ids = np.repeat(text_ids(check_sentence(sentence), word_len, tokenizer)[0][None], batch_size, axis=0)
+    forward = forward_fn(model)
+    items = iter(images)
+    with tqdm.tqdm(total=total, desc="predict", disable=not progress, leave=False) as bar:
+        while chunk := list(itertools.islice(items, batch_size)):
+            masks = _batch_masks(forward, variables, [im for _, im in chunk], ids, image_size)
+            bar.update(len(chunk))
+            for (key, image), mask in zip(chunk, masks):
+                yield key, image, mask
+            chunk = masks = image = None  # released before the next batch is decoded
+
+
 def predict_masks(
     model: Any,
     variables: Any,
@@ -104,21 +167,12 @@ def predict_masks(
     tokenizer: str = "clip",
 ) -> list[np.ndarray]:
     """(H_i, W_i) bool masks of the object ``sentence`` names in each uint8 RGB image (``tokenizer``: see
-    :func:`data_pipeline.tokenizer.text_ids`)."""
-    ids = text_ids(check_sentence(sentence), word_len, tokenizer)[0]
-    forward = forward_fn(model)
-    masks: list[np.ndarray] = []
-    for start in tqdm.trange(0, len(images), batch_size, desc="predict", disable=not progress, leave=False):
-        chunk = list(images[start : start + batch_size])
-        x = np.stack([normalize(letterbox_image(im, image_size)) for im in chunk])
-        n = len(chunk)
-        if n < batch_size:  # one compiled shape for every batch
-            x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-        logits = np.asarray(forward(variables, x, np.repeat(ids[None], batch_size, axis=0)))[:n]
-        for im, lg in zip(chunk, logits):
-            h, w = im.shape[:2]
-            masks.append(postprocess(lg, inverse_letterbox_matrix(h, w, image_size), (h, w), image_size))
-    return masks
+    :func:`data_pipeline.tokenizer.text_ids`); :func:`predict_stream` over images already in memory."""
+    stream = predict_stream(
+        model, variables, enumerate(images), sentence, image_size=image_size, word_len=word_len,
+        batch_size=batch_size, progress=progress, total=len(images), tokenizer=tokenizer,
+    )  # fmt: skip
+    return [mask for _, _, mask in stream]
 
 
 def _names(paths: Sequence[str]) -> list[str]:
@@ -145,18 +199,20 @@ def run(
 ) -> list[dict[str, Any]]:
     """Predicts and writes ``<out>/<stem>_mask.png`` (0 / 255) and ``<out>/<stem>_overlay.png`` per image.
 
-    Everything is checked before the model is loaded: the sentence, the inputs, the checkpoint and its config, and
-    ``out`` (created, and a writable folder). An image that cannot be read is skipped, the others are predicted.
+    Everything is checked before the model is loaded: the sentence, the inputs, the images' headers, the checkpoint
+    and its config, and ``out`` (created, and a writable folder). The images are then decoded one batch at a time (at
+    most one batch in memory, :func:`predict_stream`); an image that cannot be read or is above the pixel limit is
+    skipped, the others are predicted.
     ``which``: the checkpoint of a run directory ("auto", "best", "latest" or a step; see ``load_model``).
     Returns one record per image, in input order: {"image", "mask", "overlay" (paths), "area" (foreground
-    fraction)}, or {"image", "error" (one line)} for an unreadable one. PredictError if no image is readable.
+    fraction)}, or {"image", "error" (one line)} for an unusable one. PredictError if no image header is readable.
     """
     if batch_size < 1:
         raise PredictError(f"batch size must be a positive integer, got {batch_size}")
     check_sentence(text)
     paths = collect_images(inputs)
-    images, bad = read_images(paths)
-    if not images:
+    readable, bad = check_images(paths)
+    if not readable:
         msgs = list(bad.values())
         raise PredictError(
             msgs[0] if len(msgs) == 1 else f"none of the {len(msgs)} images is readable: " + "; ".join(msgs)
@@ -171,14 +227,23 @@ def run(
         if fresh:  # a checkpoint that cannot be loaded leaves no empty --out behind
             os.rmdir(out)
         raise
-    masks = predict_masks(
-        model, variables, list(images.values()), text, image_size=settings["image_size"],
-        word_len=settings["word_len"], batch_size=min(batch_size, len(images)), progress=progress,
+    records: list[dict[str, Any]] = [{"image": p, "error": bad[i]} if i in bad else {"image": p} for i, p in
+                                     enumerate(paths)]  # fmt: skip
+
+    def decoded() -> Iterator[tuple[int, np.ndarray]]:
+        for i in readable:
+            try:
+                yield i, load_image(paths[i])
+            except ExampleError as e:  # damaged past its header: reported, the others go on
+                records[i] = {"image": paths[i], "error": _unreadable(paths[i], e)}
+
+    stems = _names(paths)
+    stream = predict_stream(
+        model, variables, decoded(), text, image_size=settings["image_size"], word_len=settings["word_len"],
+        batch_size=min(batch_size, len(readable)), progress=progress, total=len(readable),
         tokenizer=settings["tokenizer"],
     )  # fmt: skip
-    records = [{"image": p, "error": bad[i]} if i in bad else None for i, p in enumerate(paths)]
-    stems = _names(paths)
-    for (i, image), mask in zip(images.items(), masks):
+    for i, image, mask in stream:
         records[i] = {
             "image": paths[i],
             "mask": save_png(os.path.join(out, f"{stems[i]}_mask.png"), mask_image(mask)),
