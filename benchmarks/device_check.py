@@ -76,23 +76,16 @@ def data_sheet_peak(dtype: str) -> float | None:
     return None
 
 
+SMOKE_CONFIGS = {"WIMFRIS-B": "configs/tiny.py", "DETRIS-B": "configs/detris_tiny.py"}
+
+
 def smoke_config(name: str):
-    """configs/tiny.py cut to 2 blocks per backbone and 1 adapter each (WIMFRIS), and DETRIS-B's config at the
-    same sizes: every part of the real models, compiled in seconds."""
-    tiny = load_config(os.path.join(ROOT, "configs/tiny.py"))
-    t = tiny.model
-    t.vision.depth, t.text.depth, t.neck_taps = 2, 2, (0,)
-    if name == "WIMFRIS-B":
-        t.text_adapter.layers, t.vision_adapter.layers = (1,), (1,)
-        return tiny
-    config = load_config(os.path.join(ROOT, MODELS[name]))
+    """The tiny config of ``name`` (configs/tiny.py, configs/detris_tiny.py) cut to 2 blocks per backbone and one
+    adapter each: every part of the real models, compiled in seconds."""
+    config = load_config(os.path.join(ROOT, SMOKE_CONFIGS[name]))
     m = config.model
-    m.image_size, m.text, m.vision, m.neck_taps = t.image_size, dict(t.text), dict(t.vision), (0, 0)
-    m.text_adapter.layers, m.text_adapter.dim = (1,), 16
-    m.vision_adapter.layers, m.vision_adapter.dim, m.vision_adapter.num_heads = (1,), 16, 2
-    m.neck.dim, m.neck.num_heads = t.neck.dim, 4
-    m.decoder = dict(t.decoder)
-    config.data = tiny.data
+    m.vision.depth, m.text.depth, m.neck_taps = 2, 2, (0,) if name == "WIMFRIS-B" else (0, 0)
+    m.text_adapter.layers, m.vision_adapter.layers = (1,), (1,)
     return config
 
 
