@@ -56,13 +56,17 @@ def _parse_inits(items: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import jax
+
     from wimfris_jax import model as model_lib
+    from wimfris_jax.config_check import validate
     from wimfris_jax.evaluate import make_eval_fn
     from wimfris_jax.train.loop import train
 
     config = apply_overrides(load_config(args.config), args.set)
     if args.resume:
         config.train.resume = True
+    validate(config, devices=jax.device_count())  # the batch splits over every device; before the workdir is made
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     eval_fn = make_eval_fn(
@@ -82,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from wimfris_jax.metrics import format_table
     from wimfris_jax.predict import find_config
 
-    config = apply_overrides(find_config(args.checkpoint, args.config), args.set)
+    config = apply_overrides(find_config(args.checkpoint, args.config), args.set)  # validated as read, and overrides
     data_settings(config)
     default = ",".join(config.data.get("eval_splits", (config.data.get("eval_split", "val"),)))
     splits = [s for s in (args.split or default).split(",") if s]

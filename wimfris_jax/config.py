@@ -10,22 +10,33 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
-from wimfris_jax.errors import UserError
+from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.io import read_json_object
 
 
 class ConfigError(UserError, ValueError):
-    """A bad --set / --config.KEY override or --init argument."""
+    """A bad config file, config value, --set / --config.KEY override or --init argument."""
+
+
+def _validate(config: Any, training: bool = True) -> Any:
+    """:func:`wimfris_jax.config_check.validate` (imported here: it imports the model families, which import this
+    module)."""
+    from wimfris_jax.config_check import validate
+
+    return validate(config, training=training)
 
 
 def apply_overrides(config: Any, items: Sequence[str]) -> Any:
-    """Applies ``KEY=VALUE`` overrides (dotted keys into the ConfigDict) in place; returns the config."""
+    """Applies ``KEY=VALUE`` overrides (dotted keys into the ConfigDict) in place and validates the result
+    (:mod:`wimfris_jax.config_check`; not when there are none: the config was validated where it came from);
+    returns the config."""
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -52,12 +63,25 @@ def apply_overrides(config: Any, items: Sequence[str]) -> Any:
             node[parts[-1]] = value
         except (TypeError, ValueError) as e:
             raise ConfigError(f"cannot set {key}={raw!r}: {e}") from e
-    return config
+    return _validate(config) if items else config
+
+
+def _line(error: BaseException, file: str) -> str:
+    """``", line N"`` of the last traceback frame of ``error`` in ``file`` (or of a SyntaxError in it), else ""."""
+    if isinstance(error, SyntaxError) and error.filename and error.lineno:
+        same = os.path.abspath(error.filename) == os.path.abspath(file)
+        return f", line {error.lineno}" if same else f" ({error.filename}, line {error.lineno})"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == file]
+    return f", line {frames[-1].lineno}" if frames else ""
 
 
 def load_config(path: str) -> Any:
     """``get_config(arg)`` of a config file ``FILE`` or ``FILE:ARG`` (the file's repository root is put on sys.path
-    so that configs can ``from configs import common``)."""
+    so that configs can ``from configs import common``), validated (:mod:`wimfris_jax.config_check`).
+
+    A file that cannot be imported (a syntax error, a failing import), defines no ``get_config``, whose
+    ``get_config`` fails or returns anything but an ml_collections ConfigDict is a ConfigError naming the file (and
+    the line); ``--debug`` shows the traceback."""
     file, arg = path, None
     if not os.path.isfile(path) and ":" in os.path.basename(path):
         file, _, arg = path.rpartition(":")
@@ -67,19 +91,31 @@ def load_config(path: str) -> Any:
     if root not in sys.path:
         sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"_wimfris_config_{abs(hash(os.path.abspath(file)))}", file)
+    if spec is None:
+        raise ConfigError(f"config file {file!r} is not a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's Python: a syntax error, a failing import, ...
+        why = f"syntax error: {e.msg}" if isinstance(e, SyntaxError) else f"fails to import: {one_line(e)}"
+        raise ConfigError(f"config file {file!r}{_line(e, os.path.abspath(file))}: {why}") from e
     get_config = getattr(module, "get_config", None)
-    if get_config is None:
+    if not callable(get_config):
         raise ConfigError(f"config file {file!r} defines no get_config()")
-    if arg is None:
-        return get_config()
-    if not inspect.signature(get_config).parameters:
+    if arg is not None and not inspect.signature(get_config).parameters:
         raise ConfigError(f"config file {file!r} takes no argument (got {arg!r})")
     try:
-        return get_config(arg)
-    except ValueError as e:
+        config = get_config() if arg is None else get_config(arg)
+    except ValueError as e:  # configs/common.py: a dataset argument that does not exist
         raise ConfigError(f"{path}: {e}") from e
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg is not None else "get_config()"
+        raise ConfigError(f"config file {file!r}{_line(e, os.path.abspath(file))}: {call} fails: {one_line(e)}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config file {file!r}: get_config() returned {type(config).__name__}, not an ml_collections ConfigDict"
+        )
+    return _validate(config)
 
 
 def expand_preset(group: Any, presets: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -90,13 +126,14 @@ def expand_preset(group: Any, presets: Callable[[str], dict[str, Any]]) -> dict[
     return {**presets(preset), **fields} if preset is not None else fields
 
 
-def choice(group: Any, key: str, default: str, choices: Sequence[str], where: str = "") -> str:
+def choice(group: Any, key: str, default: str, choices: Sequence[str], where: str = "", section: str = "model") -> str:
     """``group[key]`` (``default`` when absent), one of ``choices``; else a ConfigError naming
-    ``config.model.<where>.<key>`` and the sorted choices (a model's switch, e.g. ``fusion`` or ``level.mixer``)."""
+    ``config.<section>.<where>.<key>`` and the sorted choices (a model's switch, e.g. ``fusion`` or ``level.mixer``;
+    a training one, ``section="train"``)."""
     value = group.get(key, default)
     if value not in choices:
         name = f"{where}.{key}" if where else key
-        raise ConfigError(f"config.model.{name}={value!r}: choose one of {sorted(choices)}")
+        raise ConfigError(f"config.{section}.{name}={value!r}: choose one of {sorted(choices)}")
     return value
 
 
@@ -133,10 +170,14 @@ def upgrade_model_config(model: dict[str, Any]) -> tuple[dict[str, Any], list[st
 
 def read_run_config(path: str) -> ml_collections.ConfigDict:
     """The ``config.json`` a training run wrote, as a ConfigDict; a model config in the schema before
-    text_adapter / vision_adapter is upgraded (:func:`upgrade_model_config`, with a warning naming the old keys)."""
+    text_adapter / vision_adapter is upgraded (:func:`upgrade_model_config`, with a warning naming the old keys).
+    Its model and data are validated (:mod:`wimfris_jax.config_check`), not its finished training's settings."""
     config = read_json_object(path, ConfigError)
     if isinstance(config.get("model"), dict):
         config["model"], old = upgrade_model_config(config["model"])
         if old:
             warnings.warn(f"{path}: model config upgraded to the adapter schema (old keys {old})", stacklevel=2)
-    return ml_collections.ConfigDict(config)
+    try:
+        return _validate(ml_collections.ConfigDict(config), training=False)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e

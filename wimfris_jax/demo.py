@@ -42,6 +42,7 @@ from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.sources import build_source
 from wimfris_jax import model as model_lib
 from wimfris_jax.config import apply_overrides, load_config
+from wimfris_jax.config_check import validate
 from wimfris_jax.evaluate import data_settings, evaluate, forward_fn
 from wimfris_jax.metrics import format_table, intersection_union, postprocess
 from wimfris_jax.train.loop import train
@@ -87,7 +88,7 @@ def run_demo(
     workdir = os.path.abspath(workdir)
     if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds a run; pass --workdir NEW_DIR or remove it")
-    config = apply_overrides(demo_config(quick, config), overrides)
+    config = validate(apply_overrides(demo_config(quick, config), overrides), devices=jax.device_count())
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     val = build_source(config.data, "val")

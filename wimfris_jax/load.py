@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wimfris_jax.config import load_config
+from wimfris_jax.config_check import validate
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten, load_params, unflatten
 from wimfris_jax.model import build_model, check_tokenizer
@@ -58,8 +59,11 @@ class CheckpointFallbackWarning(UserWarning):
 
 
 def _config(config: Any) -> tuple[Any, str]:
+    """(the config, its name): a config file is loaded (and validated there); a ConfigDict -- a whole config or its
+    ``model`` alone -- has its model and data validated (:mod:`wimfris_jax.config_check`)."""
     if isinstance(config, (str, os.PathLike)):
         return load_config(os.fspath(config)), os.fspath(config)
+    validate(config if hasattr(config, "model") else {"model": config}, training=False)
     return config, "the given config"
 
 

@@ -37,7 +37,7 @@ from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
-from wimfris_jax.config import ConfigError, expand_preset
+from wimfris_jax.config import ConfigError, choice, expand_preset
 from wimfris_jax.decoder import Decoder, Projector
 from wimfris_jax.layers import check_remat
 from wimfris_jax.losses import wimfris_loss
@@ -145,10 +145,7 @@ def build_backbones(model_config: Any, dtype: Any = None, remat_mode: str = "non
 
 def _attention(cfg: Any) -> str:
     """``config.model.attention`` (default "auto"), checked."""
-    impl = cfg.get("attention", "auto")
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"config.model.attention={impl!r}: choose one of {IMPLEMENTATIONS}")
-    return impl
+    return choice(cfg, "attention", "auto", IMPLEMENTATIONS)
 
 
 def _check(cfg: Any, text: nn.Module, vision: nn.Module, text_layers: tuple, vision_layers: tuple) -> None:
@@ -212,11 +209,14 @@ def model_window(model_config: Any) -> tuple[tuple[int, int], tuple[int, int] | 
     grid = (s // p, s // p)
     if model_config.neck.kind != "hmf":
         return grid, None
-    window = normalize_window(model_config.neck.get("window", 4))
+    try:
+        window = normalize_window(model_config.neck.get("window", 4))
+    except ValueError as e:
+        raise ConfigError(f"config.model.neck.window: {e}") from e
     if window is None:
         return grid, None
     window = (window, window) if isinstance(window, int) else window
-    if grid[0] % window[0] or grid[1] % window[1]:
+    if min(window) < 1 or grid[0] % window[0] or grid[1] % window[1]:
         raise ConfigError(f"config.model.neck.window={window} does not tile the {grid} feature grid")
     return grid, window
 

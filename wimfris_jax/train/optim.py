@@ -20,8 +20,10 @@ from typing import Any
 import jax
 import optax
 
-from wimfris_jax.config import ConfigError
+from wimfris_jax.config import ConfigError, choice
 from wimfris_jax.train.freeze import path_selected
+
+LR_SCHEDULES = ("step", "poly")  # config.train.lr_schedule
 
 
 def lr_schedule(lr: float, milestones: Sequence[int], decay: float, steps_per_epoch: int) -> optax.Schedule:
@@ -48,19 +50,17 @@ def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTr
     when it is > 0 (TFANet, VIPA), sparing the parameters whose paths match a ``no_decay`` regex; ``lr_scale``:
     ``(regex, factor)`` pairs scaling the rate of the matching parameters (:func:`scale_by_path`). Applied to
     trainable params only."""
-    kind = train_config.get("lr_schedule", "step")
+    kind = choice(train_config, "lr_schedule", "step", LR_SCHEDULES, section="train")
     if kind == "poly":
         total = int(train_config.epochs) * steps_per_epoch
         schedule = poly_schedule(float(train_config.lr), total, float(train_config.get("lr_power", 0.9)))
-    elif kind == "step":
+    else:
         schedule = lr_schedule(
             float(train_config.lr),
             tuple(train_config.get("lr_milestones", ())),
             float(train_config.get("lr_decay", 0.1)),
             steps_per_epoch,
         )
-    else:
-        raise ConfigError(f"config.train.lr_schedule={kind!r}: choose 'step' or 'poly'")
     weight_decay = float(train_config.get("weight_decay", 0.0))
     no_decay = tuple(train_config.get("no_decay", ()))
     if weight_decay > 0:

@@ -31,6 +31,7 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = tuple(_DTYPES)  # config.train.compute_dtype
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:

@@ -46,6 +46,11 @@ def key_mask(pad_mask: Array | None, queries: int) -> Array | None:
     return jnp.broadcast_to(~pad_mask[:, None, None, :], (pad_mask.shape[0], 1, queries, pad_mask.shape[1]))
 
 
+def default_fusion_heads(dim: int) -> int:
+    """CrossVLT's heads of a fusion ``dim`` wide: one per 64 channels, at least one."""
+    return max(1, dim // 64)
+
+
 class VisionLanguageFusion(nn.Module):
     """CrossVLT's vision-side fusion with its zero-initialised tanh gate: (v, words) -> (v', r), both (B, h, w, C).
 
@@ -60,7 +65,7 @@ class VisionLanguageFusion(nn.Module):
     def __call__(self, v: Array, words: Array, pad_mask: Array | None) -> tuple[Array, Array]:
         b, h, w, c = v.shape
         dim = self.dim or c
-        heads = self.num_heads or max(1, dim // 64)
+        heads = self.num_heads or default_fusion_heads(dim)
         if dim % heads:
             raise ValueError(f"fusion width {dim} is not divisible by {heads} heads")
         tokens = v.reshape(b, h * w, c)
