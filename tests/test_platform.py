@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wimfris_jax import attention as att
-from wimfris_jax.layers import ACCELERATOR_REMAT, resolve_remat
+from wimfris_jax.layers import resolve_remat
 from wimfris_jax.platform import for_devices, platform_of, target_platform, targeting
 from wimfris_jax.ssm.scan import default_impl
 from wimfris_jax.train import sharding
@@ -41,9 +41,9 @@ def test_every_choice_follows_the_target():
     choices = lambda: (att.resolve("auto", half, half), resolve_remat("auto"), default_impl(None, 18, 2**21))  # noqa: E731
     assert choices() == ("chunked", "none", "sequential")
     with targeting("gpu"):
-        assert choices() == ("cudnn", ACCELERATOR_REMAT, "unrolled")
+        assert choices() == ("cudnn", "dots", "unrolled")
     with targeting("tpu"):
-        assert choices() == ("xla", ACCELERATOR_REMAT, "associative")
+        assert choices() == ("xla", "block", "associative")  # "dots" crashes libtpu's conv tiling (layers.py)
 
 
 def test_for_devices_sets_the_platform_while_tracing():

@@ -104,18 +104,19 @@ def conv(features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Conv:
 
 
 REMAT_MODES = ("none", "block", "dots")
-# "auto" on GPU/TPU. benchmarks/bench_train.py, WIMFRIS-B, batch 32, 448 px, bf16 (compiled peak per device):
-# none 47.3 GiB, block 23.5 GiB (+27% FLOPs), dots 26.4 GiB (+11% FLOPs): "dots" meets a 40 GB card with the
-# least recomputation.
-ACCELERATOR_REMAT = "dots"
+# "auto" per platform. CPU: memory is plentiful, recomputation costs time. GPU: WIMFRIS-B, batch 32, 448 px, bf16,
+# compiled for an H200 (benchmarks/aot.py, README "Compiled for accelerators"): "dots" keeps the matrix products
+# and recomputes the rest, for less recomputation than "block" (+11% vs +27% FLOPs in a CPU compile). TPU: "dots"
+# crashes libtpu's convolution tiling (stack overflow in FusedSpatialMajorConvolution::MakeConvWindows) on a v5e
+# 2x2 slice, even at tiny sizes, while "none" and "block" compile; "block" also needs the least memory.
+AUTO_REMAT = {"cpu": "none", "gpu": "dots", "tpu": "block"}
 
 
 def resolve_remat(mode: str, platform: str | None = None) -> str:
-    """``train.remat``: "auto" is :data:`ACCELERATOR_REMAT` on GPU/TPU (memory bounds the batch there) and
-    "none" on CPU (memory is plentiful, recomputation costs time), for ``platform`` (default: the platform being
-    compiled for, :func:`wimfris_jax.platform.target_platform`); other values pass through, checked."""
+    """``train.remat``: "auto" is :data:`AUTO_REMAT` of ``platform`` (default: the platform being compiled for,
+    :func:`wimfris_jax.platform.target_platform`; others as a GPU); other values pass through, checked."""
     if check_remat(mode) == "auto":
-        return "none" if (platform or target_platform()) == "cpu" else ACCELERATOR_REMAT
+        return AUTO_REMAT.get(platform or target_platform(), AUTO_REMAT["gpu"])
     return mode
 
 
