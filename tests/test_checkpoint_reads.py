@@ -202,18 +202,18 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact(toy_run, tmp_path):
 def test_a_checkpoint_deleted_while_read_is_not_damage(toy_run, tmp_path, monkeypatch):
     """The run deletes its old checkpoints (keep-last, a new best) while a reader may be reading one: the reader
     lists the run again and reads what is there now, without a warning."""
-    from wimfris_jax.train import checkpoint
+    from wimfris_jax.train import checkpoint_reads
 
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)
-    read = checkpoint._read
+    read = checkpoint_reads._read
 
     def read_while_the_run_deletes(fn, folder):
         if folder.endswith("best/4"):
             shutil.rmtree(folder)
         return read(fn, folder)
 
-    monkeypatch.setattr(checkpoint, "_read", read_while_the_run_deletes)
+    monkeypatch.setattr(checkpoint_reads, "_read", read_while_the_run_deletes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_variables(run)[1] == 8

@@ -18,6 +18,10 @@ error: ...`` message on stderr and exit with status 1; argument errors exit with
 input is decided by the exception's type (:func:`_expected`): a :class:`~wimfris_jax.errors.UserError`, or an
 ``OSError`` naming a file. Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of
 every error. Warnings of this package (e.g. a damaged checkpoint skipped for an older one) are one line too.
+Training stopped by Ctrl-C or SIGTERM saves a checkpoint, prints one line (``wimfris train: terminated (SIGTERM) at
+step N; checkpoint saved in W/checkpoints``) and exits with 128 + the signal number (130, 143). A workdir in use
+by another training run, or a write into it that fails (disk full, ``ulimit -f``, read-only), is an error of one
+line, status 1 (:mod:`wimfris_jax.train.workdir`).
 
 Imports: each command imports the modules only it needs (training loop, evaluation, prediction, demo, summary) when
 it runs, so that ``wimfris --help`` and argument errors do not load orbax, grain and the rest of that code (measured:
@@ -265,9 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
                 maybe_initialize_distributed()
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"wimfris {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # training's TrainingInterrupted says where it stopped and what it saved
+        print(f"wimfris {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return int(getattr(e, "exit_status", 130))
     except Exception as e:
         if args.debug or not _expected(e):
             raise

@@ -46,6 +46,7 @@ from wimfris_jax.config_check import validate
 from wimfris_jax.evaluate import data_settings, evaluate, forward_fn
 from wimfris_jax.metrics import format_table, intersection_union, postprocess
 from wimfris_jax.train.loop import train
+from wimfris_jax.train.workdir import hold_workdir
 from wimfris_jax.visualize import grid, save_png
 
 GRID_EXAMPLES = 8
@@ -86,9 +87,15 @@ def run_demo(
     ``config``: another model's demo config (default configs/demo.py, WIMFRIS)."""
     t0 = time.perf_counter()
     workdir = os.path.abspath(workdir)
-    if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
-        raise FileExistsError(f"{workdir} already holds a run; pass --workdir NEW_DIR or remove it")
     config = validate(apply_overrides(demo_config(quick, config), overrides), devices=jax.device_count())
+    with hold_workdir(workdir):  # one writer: train() takes it again (re-entrant), the figures are written after it
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+            raise FileExistsError(f"{workdir} already holds a run; pass --workdir NEW_DIR or remove it")
+        return _demo(workdir, config, quick, t0)
+
+
+def _demo(workdir: str, config: Any, quick: bool, t0: float) -> dict[str, Any]:
+    """:func:`run_demo` in its locked workdir; ``t0``: its start (``time.perf_counter``)."""
     tc = config.train
     model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
     val = build_source(config.data, "val")

@@ -6,8 +6,11 @@
   sharding    mesh, replicated / FSDP shardings, shard_batch, maybe_initialize_distributed
   step        make_train_step (loss, grads of the trainable split, bf16 option), jit_train_step
   checkpoint  Checkpoints: orbax last-N + best-by-metric, with the grain iterator position
+  checkpoint_reads  load_variables, committed_steps: reading a run (even while it trains), never writing
+  workdir     hold_workdir: one writer per run (the workdir's lock); failed disk writes in one line
+  signals     StopSignals, TrainingInterrupted: Ctrl-C / SIGTERM end the step, save and stop
   logging     MetricWriter: metrics.jsonl + TensorBoard
-  loop        train(config, workdir, ...): everything above, with tqdm, eval, resume and Ctrl-C
+  loop        train(config, workdir, ...): everything above, with tqdm, eval, resume and Ctrl-C / SIGTERM
 
 Submodules are imported explicitly (``from wimfris_jax.train.loop import train``) to keep this import light.
 """

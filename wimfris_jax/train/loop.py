@@ -1,4 +1,4 @@
-"""The training loop: data -> sharded train step -> logs, checkpoints, evaluation, resume, Ctrl-C.
+"""The training loop: data -> sharded train step -> logs, checkpoints, evaluation, resume, Ctrl-C / SIGTERM.
 
 Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; docs/detris_code.md "Loss and training")
 around :mod:`~wimfris_jax.train.step`. Every piece is built from the config unless injected (tests inject a
@@ -12,10 +12,15 @@ eval_every_epochs, best_metric ("mIoU"), resume; ``config.seed``.
 Failure handling: the losses and gradient norms of all steps since the last check are verified before
 every log line, checkpoint and evaluation; a non-finite value raises :class:`NonFiniteLossError` (a
 ``FloatingPointError``, ``ValueError`` and ``UserError``) naming the first bad step and nothing more is saved.
-SIGINT (Ctrl-C) is deferred to the end of the current step, then a checkpoint is written and
-``KeyboardInterrupt`` is raised; a second Ctrl-C interrupts at once (see :class:`_SigintFlag`: a process started
-with SIGINT ignored, e.g. in the background, keeps ignoring it). On resume, metrics logged after the restored
-checkpoint are dropped (:class:`~wimfris_jax.train.logging.MetricWriter`), so each step is logged once.
+One writer per run: the workdir's lock is taken before anything in it changes and held until the end
+(:mod:`~wimfris_jax.train.workdir`; a second run raises :class:`~wimfris_jax.train.workdir.WorkdirInUse`).
+SIGINT (Ctrl-C) and SIGTERM are deferred to the end of the current step, then a checkpoint is written and
+:class:`~wimfris_jax.train.signals.TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; a second signal
+interrupts at once; a signal ignored at the start (e.g. SIGINT in the background) stays ignored. A write into the
+workdir that fails (disk full, ``ulimit -f``, read-only) stops the run with one
+:class:`~wimfris_jax.train.workdir.WorkdirWriteError` naming the last good checkpoint, which stays intact. On
+resume, metrics logged after the restored checkpoint are dropped (:class:`~wimfris_jax.train.logging.MetricWriter`),
+so each step is logged once.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import functools
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,13 +41,16 @@ from data_pipeline.loader import make_loader as grain_loader
 from data_pipeline.preprocess import preprocess_train
 from data_pipeline.sources import build_source
 from wimfris_jax import model as model_lib
-from wimfris_jax.errors import UserError
+from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.train import sharding
-from wimfris_jax.train.checkpoint import Checkpoints
+from wimfris_jax.train.checkpoint import Checkpoints, committed_steps, discard_unfinished
+from wimfris_jax.train.checkpoint_reads import quiet_abandoned_io
 from wimfris_jax.train.logging import MetricWriter
 from wimfris_jax.train.optim import make_optimizer
+from wimfris_jax.train.signals import StopSignals, TrainingInterrupted, describe
 from wimfris_jax.train.state import DEFAULT_TRAINABLE, TrainState, abstract_state, init_train_state, init_variables
 from wimfris_jax.train.step import jit_train_step, make_train_step
+from wimfris_jax.train.workdir import WorkdirWriteError, WriteFailures, hold_workdir, write_failure
 
 EvalFn = Callable[[TrainState], Mapping[str, float]]
 
@@ -97,59 +104,90 @@ def train(
     ckpt_every = int(tc.get("ckpt_every", 0)) or total
     eval_every = int(tc.get("eval_every_epochs", 0)) * spe or int(tc.get("eval_every", 0))
 
-    ckpts = Checkpoints(workdir, keep_last=int(tc.get("keep_last", 2)), best_metric=tc.get("best_metric", "mIoU"))
-    if ckpts.latest_step() is not None and not tc.get("resume", False):
-        ckpts.close()
-        raise FileExistsError(
-            f"{workdir} already holds checkpoints {ckpts.all_steps()}; set config.train.resume=True to "
-            "continue that run, or use a new workdir"
-        )
-    tx, schedule = make_optimizer(tc, spe)
-    loader = make_loader(source, transform, global_batch_size=gbs, seed=int(config.seed), shuffle=True)
-    data_iter = iter(loader)
-    if init_fn is None:
-        sample = {k: np.asarray(v)[None] for k, v in transform(source[0], np.random.default_rng(0)).items()}
-        init_fn = functools.partial(init_variables, model, sample)
-    fsdp = bool(tc.get("fsdp", False))
-    min_size = int(tc.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE))
-    trainable = tuple(tc.get("trainable", DEFAULT_TRAINABLE))
-    try:
-        state, shardings = init_train_state(
-            init_fn, tx, trainable, int(config.seed), mesh, fsdp=fsdp, fsdp_min_size=min_size
-        )
-        if ckpts.latest_step() is not None:
-            state = ckpts.restore(abstract_state(state, shardings), data_iter)
-    except BaseException:
-        ckpts.close()
-        raise
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(
-                config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config)
-            )
+    with hold_workdir(workdir, jax.process_index()), WriteFailures(workdir) as failures:  # before the workdir changes
+        quiet_abandoned_io()  # a failed save's other writes end on orbax's closed event loop: ~100 tracebacks
+        try:
+            ckpts = _open_checkpoints(workdir, tc)
+            try:
+                tx, schedule = make_optimizer(tc, spe)
+                loader = make_loader(source, transform, global_batch_size=gbs, seed=int(config.seed), shuffle=True)
+                data_iter = iter(loader)
+                if init_fn is None:
+                    sample = {k: np.asarray(v)[None] for k, v in transform(source[0], np.random.default_rng(0)).items()}
+                    init_fn = functools.partial(init_variables, model, sample)
+                state, shardings = init_train_state(
+                    init_fn, tx, tuple(tc.get("trainable", DEFAULT_TRAINABLE)), int(config.seed), mesh,
+                    fsdp=bool(tc.get("fsdp", False)),
+                    fsdp_min_size=int(tc.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE)),
+                )  # fmt: skip
+                if ckpts.latest_step() is not None:
+                    state = ckpts.restore(abstract_state(state, shardings), data_iter)
+                if jax.process_index() == 0:
+                    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                        f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+                                else json.dumps(config))  # fmt: skip
+                step_fn = jit_train_step(
+                    make_train_step(model, loss_fn, tx, schedule, compute_dtype=tc.get("compute_dtype", "float32")),
+                    shardings, mesh,
+                )  # fmt: skip
+                writer = MetricWriter(workdir, start_step=int(state.step))  # drops rows logged after the checkpoint
+            except BaseException:
+                ckpts.close()
+                raise
+            every = {"log": log_every, "ckpt": ckpt_every, "eval": eval_every, "total": total}
+            state = _steps(state, step_fn, data_iter, mesh, every, gbs, eval_fn, ckpts, writer, failures)
+            failures.check()  # a last save that failed in orbax's thread, which only logged it
+            return state
+        except Exception as e:
+            error = _write_error(e, workdir, failures)
+            if error is None:
+                raise
+            raise error from e
 
-    step_fn = jit_train_step(
-        make_train_step(model, loss_fn, tx, schedule, compute_dtype=tc.get("compute_dtype", "float32")), shardings, mesh
-    )
-    step = int(state.step)
+
+def _open_checkpoints(workdir: str, tc: Any) -> Checkpoints:
+    """The run's :class:`Checkpoints`; a workdir with checkpoints is refused, untouched, unless resuming."""
+    done = committed_steps(os.path.join(workdir, "checkpoints"))
+    if done and not tc.get("resume", False):
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints {done}; set config.train.resume=True to continue that run, "
+            "or use a new workdir"
+        )
+    return Checkpoints(workdir, keep_last=int(tc.get("keep_last", 2)), best_metric=tc.get("best_metric", "mIoU"))
+
+
+def _steps(
+    state: TrainState,
+    step_fn: Callable,
+    data_iter: Any,
+    mesh: jax.sharding.Mesh,
+    every: Mapping[str, int],
+    gbs: int,
+    eval_fn: EvalFn | None,
+    ckpts: Checkpoints,
+    writer: MetricWriter,
+    failures: WriteFailures,
+) -> TrainState:
+    """The training steps from ``state`` to ``every["total"]``: logs, saves and evaluations every ``every["log"]``,
+    ``["ckpt"]`` and ``["eval"]`` steps (eval 0: at the end only). A stop signal ends it after the step in flight with
+    a checkpoint and :class:`TrainingInterrupted`. Closes ``writer`` and ``ckpts`` (waiting for the saves)."""
+    total, workdir = every["total"], ckpts.workdir
+    step = last_saved = int(state.step)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
-    writer = MetricWriter(workdir, start_step=step)  # drops rows logged after the restored checkpoint
     bar = tqdm.tqdm(total=total, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
-    stop = _SigintFlag()
-    last_saved = step
     t_log, steps_logged = time.perf_counter(), 0
-    try:
-        with stop:
+    with StopSignals() as stop:
+        try:
             while step < total:
-                if stop.raised:
-                    raise KeyboardInterrupt
+                stop.check()  # a stop signal arrived during the previous step
+                failures.check()  # a save failed in orbax's thread
                 batch = sharding.shard_batch(next(data_iter), mesh)
                 state, metrics = step_fn(state, batch)
                 step += 1
                 steps_logged += 1
                 pending.append((step, metrics))
                 bar.update(1)
-                if step % log_every == 0 or step == total:
+                if step % every["log"] == 0 or step == total:
                     means = _check_and_average(pending)
                     dt = time.perf_counter() - t_log
                     means["images_per_s"] = steps_logged * gbs / max(dt, 1e-9)  # 1st window: + compile
@@ -157,32 +195,53 @@ def train(
                     bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means.get('lr', 0):.2e}",
                                     img_s=f"{means['images_per_s']:.1f}")  # fmt: skip
                     t_log, steps_logged = time.perf_counter(), 0
-                if step % ckpt_every == 0 or step == total:
+                if step % every["ckpt"] == 0 or step == total:
                     _check_and_average(pending)
                     ckpts.save(state, data_iter)
                     last_saved = step
-                if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total):
+                if eval_fn is not None and ((every["eval"] and step % every["eval"] == 0) or step == total):
                     _check_and_average(pending)
                     results = {k: float(v) for k, v in eval_fn(state).items()}
                     writer.write(step, results, prefix="val")
                     ckpts.save_best(state, results)
                     t_log, steps_logged = time.perf_counter(), 0
-    except KeyboardInterrupt:
-        _check_and_average(pending)
-        try:
-            if int(state.step) != last_saved:
-                ckpts.save(state, data_iter)
-        except RuntimeError as e:  # a second Ctrl-C inside a step can leave the state donated
-            bar.write(f"interrupted at step {step}; could not save ({e}); last checkpoint: {last_saved}")
-            raise KeyboardInterrupt from e
-        bar.write(f"interrupted at step {step}; checkpoint saved in {workdir}/checkpoints")
-        raise
-    finally:
-        bar.close()
-        writer.close()
-        ckpts.wait()
-        ckpts.close()
+        except KeyboardInterrupt as e:  # a stop signal after the step in flight, or a second one at once
+            signum = getattr(e, "signum", signal.SIGINT)
+            _check_and_average(pending)
+            try:
+                if int(state.step) != last_saved:
+                    ckpts.save(state, data_iter)
+                ckpts.wait()
+            except RuntimeError as err:  # a second signal inside a step can leave the state donated
+                if write_failure(err, workdir):
+                    raise
+                raise TrainingInterrupted(signum, f"{describe(signum)} at step {step}; could not save ({one_line(err)})"
+                                          f"; last checkpoint: step {last_saved}") from err  # fmt: skip
+            saved = f"checkpoint saved in {workdir}/checkpoints" if ckpts.latest_step() is not None else "nothing saved"
+            raise TrainingInterrupted(signum, f"{describe(signum)} at step {step}; {saved}") from e
+        finally:
+            bar.close()
+            try:
+                writer.close()
+            finally:
+                ckpts.close()  # waits for the saves in flight
     return state
+
+
+def _write_error(error: Exception, workdir: str, failures: WriteFailures) -> WorkdirWriteError | None:
+    """The one-line error of a failed write into the workdir (``error``, or one that orbax only logged), naming the
+    workdir, why and the last good checkpoint (intact); None for another error. Removes the failed save."""
+    reason = write_failure(error, workdir)
+    if reason is None and not isinstance(error, UserError):
+        reason = write_failure(failures.first, workdir)
+    if reason is None:
+        return None
+    discard_unfinished(workdir)  # the space the failed save took; under the lock, with no save in flight
+    done = committed_steps(os.path.join(workdir, "checkpoints"))
+    good = f"step {done[-1]} ({workdir}/checkpoints/{done[-1]})" if done else "none (no checkpoint was saved)"
+    return WorkdirWriteError(
+        f"cannot write to {workdir} ({reason}); training stopped, the last good checkpoint: {good}"
+    )
 
 
 def _check_and_average(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:
@@ -208,40 +267,6 @@ class NonFiniteLossError(UserError, FloatingPointError, ValueError):
 
     A ``ValueError`` too, so that callers catching bad values (the CLI's one-line errors) catch it.
     """
-
-
-class _SigintFlag:
-    """Context manager turning the first SIGINT into a flag (``raised``); the second one interrupts at once.
-
-    On exit it restores the SIGINT handler that was in place on entry, whatever it was (a Python function,
-    ``signal.default_int_handler`` or ``SIG_DFL``). It installs nothing, so Ctrl-C keeps its previous effect, when
-    SIGINT is ignored on entry (``SIG_IGN``: processes started in the background, under nohup, by some CI
-    runners; they never receive Ctrl-C from the terminal, so the run goes on and ends normally), when the
-    handler was installed outside Python (it could not be put back), or outside the main thread.
-    """
-
-    def __init__(self):
-        self.raised = False
-        self._previous: Any = None
-        self._installed = False
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-
-    def __enter__(self) -> _SigintFlag:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not None and previous != signal.SIG_IGN:
-                self._previous = signal.signal(signal.SIGINT, self._handler)
-                self._installed = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
 
 
 def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np.random.Generator], dict]:
