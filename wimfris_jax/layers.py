@@ -106,10 +106,10 @@ def conv(features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Conv:
 REMAT_MODES = ("none", "block", "dots")
 # "auto" per platform. CPU: memory is plentiful, recomputation costs time. GPU: WIMFRIS-B, batch 32, 448 px, bf16,
 # compiled for an H200 (benchmarks/aot.py, README "Compiled for accelerators"): "dots" keeps the matrix products
-# and recomputes the rest, for less recomputation than "block" (+11% vs +27% FLOPs in a CPU compile). TPU: "dots"
-# crashes libtpu's convolution tiling (stack overflow in FusedSpatialMajorConvolution::MakeConvWindows) on a v5e
-# 2x2 slice, even at tiny sizes, while "none" and "block" compile; "block" also needs the least memory.
-AUTO_REMAT = {"cpu": "none", "gpu": "dots", "tpu": "block"}
+# and recomputes the rest, for less recomputation than "block" (+11% vs +27% FLOPs in a CPU compile). TPU: with
+# libtpu 0.0.42.1, "dots" (even at tiny sizes) and "block" (at WIMFRIS-B's) crash its convolution tiling on a v5e
+# 2x2 slice (stack overflow in FusedSpatialMajorConvolution::MakeConvWindows); "none" compiles.
+AUTO_REMAT = {"cpu": "none", "gpu": "dots", "tpu": "none"}
 
 
 def resolve_remat(mode: str, platform: str | None = None) -> str:
