@@ -84,17 +84,9 @@ def compile_train(config, devices, remat: str, batch: int, dtype: str, fsdp: boo
     state, shardings = train_state_shapes(init_fn, tx, tuple(tc.trainable), 0, mesh, fsdp=fsdp)
     loss_fn = functools.partial(model_lib.loss_fn, config.model)
     step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=dtype), shardings, mesh)
-    t0 = time.perf_counter()
-    with record_decisions() as decisions:
-        lowered = step.lower(state, _abstract_batch(config, batch, mesh))
-    compiled, options = _compile(lowered)
-    row = {
-        "what": "train step", "remat": remat, "resolved_remat": resolve_remat(remat, platform_of(mesh)),
-        "global_batch": batch, "devices": len(devices), "fsdp": fsdp, "compile_s": time.perf_counter() - t0,
-        "peak_gib": peak_bytes(compiled) / 2**30, "kernels": census(compiled.as_text() or ""),
-        "attention": attention_rows(decisions), "compiler_options": options,
-    }  # fmt: skip
-    return row, compiled
+    row = {"what": "train step", "remat": remat, "resolved_remat": resolve_remat(remat, platform_of(mesh)),
+           "global_batch": batch, "devices": len(devices), "fsdp": fsdp}  # fmt: skip
+    return _compiled_row(row, lambda: step.lower(state, _abstract_batch(config, batch, mesh)))
 
 
 def compile_eval(config, devices, batch: int, dtype: str) -> dict:
@@ -108,13 +100,30 @@ def compile_eval(config, devices, batch: int, dtype: str) -> dict:
     b = _abstract_batch(config, batch, mesh)
     image = jax.ShapeDtypeStruct(b["image"].shape, jnp.dtype(dtype), sharding=b["image"].sharding)
     fwd = jax.jit(for_devices(lambda v, x, t: model.apply(v, x, t, train=False)["logits"], mesh))
+    row = {"what": "evaluation forward", "global_batch": batch, "devices": len(devices)}
+    return _compiled_row(row, lambda: fwd.lower(variables, image, b["ids"]))[0]
+
+
+def _compiled_row(row: dict, lower) -> tuple[dict, object]:
+    """``row`` completed by compiling ``lower()``: compile time, peak GiB per device, kernel and attention census.
+    A compile the target's memory refuses (TPU: RESOURCE_EXHAUSTED) gives the row with ``error`` and, as
+    ``peak_gib``, the temporaries the compiler asked for (a lower bound); ``compiled`` is then None."""
     t0 = time.perf_counter()
     with record_decisions() as decisions:
-        compiled, options = _compile(fwd.lower(variables, image, b["ids"]))
-    return {"what": "evaluation forward", "global_batch": batch, "devices": len(devices),
-            "compile_s": time.perf_counter() - t0, "peak_gib": peak_bytes(compiled) / 2**30,
-            "kernels": census(compiled.as_text() or ""), "attention": attention_rows(decisions),
-            "compiler_options": options}  # fmt: skip
+        lowered = lower()
+    row["attention"] = attention_rows(decisions)
+    try:
+        compiled, row["compiler_options"] = _compile(lowered)
+    except jax.errors.JaxRuntimeError as e:
+        m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        row.update(compile_s=time.perf_counter() - t0, peak_gib=float(m.group(1)), kernels={},
+                   error=str(e).splitlines()[0][:200])  # fmt: skip
+        return row, None
+    row.update(compile_s=time.perf_counter() - t0, peak_gib=peak_bytes(compiled) / 2**30,
+               kernels=census(compiled.as_text() or ""))  # fmt: skip
+    return row, compiled
 
 
 # XLA:GPU without a device to autotune on can fail to tile a Triton GEMM with a small contracting dimension
@@ -164,7 +173,7 @@ def print_table(result: dict) -> None:
         fmha = sum(v for n, v in k.items() if "fmha" in n)
         gemm = sum(v for n, v in k.items() if "gemm" in n or "cublas" in n)
         remat = f"{r['remat']} ({r['resolved_remat']})" if "remat" in r else "-"
-        fits = "yes" if r["peak_gib"] * 2**30 <= result["device_memory"] else "**no**"
+        fits = "yes" if r["peak_gib"] * 2**30 <= result["device_memory"] and "error" not in r else "**no**"
         print(f"| {r['what']} | {remat} | {r['global_batch']} | {r['devices']} | {r['peak_gib']:.2f} | {fits} | "
               f"{r['compile_s']:.0f} | {fmha} | {gemm} |")  # fmt: skip
     if "max_batch" in result:
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         def fits(b: int) -> bool:
             row, _ = compile_train(config, devices, modes[0], b, args.dtype, args.fsdp)
             print(f"# batch {b}: {row['peak_gib']:.2f} GiB", flush=True)
-            return row["peak_gib"] * 2**30 <= memory
+            return row["peak_gib"] * 2**30 <= memory and "error" not in row
 
         result["max_batch"] = {"remat": modes[0], "batch": largest_batch(fits, batch, len(devices))}
     print_table(result)
