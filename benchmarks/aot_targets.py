@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from wimfris_jax.platform import prepare_libtpu
+
 MiB = 2**20
 
 
@@ -108,6 +110,7 @@ def target_devices(name: str, count: int = 1) -> tuple[list, int, str]:
     tpu = TPUS[name]
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # else a second process fails on libtpu's lockfile
+    prepare_libtpu()
     try:
         topo = topologies.get_topology_desc(
             topology_name=tpu.topology, platform="tpu", chip_config_name="default",

@@ -1,6 +1,7 @@
 """Kernel choices follow the platform compiled for (wimfris_jax/platform.py), not the host's: attention, remat
 "auto" and the scan default, under ``targeting`` and through ``for_devices`` (the train step's wrapper)."""
 
+import os
 import types
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from wimfris_jax import attention as att
 from wimfris_jax.layers import resolve_remat
-from wimfris_jax.platform import for_devices, platform_of, target_platform, targeting
+from wimfris_jax.platform import LIBTPU_FLAGS, for_devices, platform_of, prepare_libtpu, target_platform, targeting
 from wimfris_jax.ssm.scan import default_impl
 from wimfris_jax.train import sharding
 
@@ -56,3 +57,14 @@ def test_for_devices_sets_the_platform_while_tracing():
     out = jax.jit(for_devices(fn, [_fake("cuda")]))(np.ones(3, np.float32))  # traced for a GPU, run on this CPU
     np.testing.assert_array_equal(out, 2 * np.ones(3))
     assert seen == ["gpu"] and target_platform() == "cpu"
+
+
+def test_prepare_libtpu_adds_the_fiber_stack_flag_and_keeps_the_users(monkeypatch):
+    monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    prepare_libtpu()
+    assert os.environ["LIBTPU_INIT_ARGS"] == " ".join(LIBTPU_FLAGS)
+    prepare_libtpu()  # idempotent
+    assert os.environ["LIBTPU_INIT_ARGS"] == " ".join(LIBTPU_FLAGS)
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_foo=1 --fibers_default_thread_stack_size=1048576")
+    prepare_libtpu()  # the user's value of the same flag wins
+    assert os.environ["LIBTPU_INIT_ARGS"] == "--xla_foo=1 --fibers_default_thread_stack_size=1048576"

@@ -44,6 +44,7 @@ from wimfris_jax.config import ConfigError, apply_overrides, load_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import ensure_writable_file
 from wimfris_jax.load import load_model, pretrained_init_fn
+from wimfris_jax.platform import prepare_libtpu
 from wimfris_jax.train.sharding import maybe_initialize_distributed
 
 
@@ -267,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
+                prepare_libtpu()
                 maybe_initialize_distributed()
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # training's TrainingInterrupted says where it stopped and what it saved

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +24,11 @@ import jax
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("wimfris_target_platform", default=None)
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+# libtpu (0.0.42.1) runs its compiler's work units on fibers whose stacks are too small for its convolution
+# tiling search: the v5e compile of a train step with train.remat "dots" or "block" dies with "SIGSEGV STACK
+# OVERFLOW" in FusedSpatialMajorConvolution::MakeConvWindows (tiny configs included). 1 MiB suffices for tiny
+# configs; 16 MiB is reserved (not committed) per fiber stack.
+LIBTPU_FLAGS = ("--fibers_default_thread_stack_size=16777216",)
 
 
 def normalize(platform: str) -> str:
@@ -57,6 +63,16 @@ def platform_of(devices: Any) -> str:
     if len(found) != 1:
         raise ValueError(f"devices of {len(found)} platforms {sorted(found)}: compile for one")
     return found.pop()
+
+
+def prepare_libtpu() -> None:
+    """Add :data:`LIBTPU_FLAGS` to ``LIBTPU_INIT_ARGS`` (a flag the user set there wins). Call before JAX starts
+    its backends; harmless where no TPU is used."""
+    given = os.environ.get("LIBTPU_INIT_ARGS", "")
+    names = {flag.split("=")[0] for flag in given.split()}
+    extra = [flag for flag in LIBTPU_FLAGS if flag.split("=")[0] not in names]
+    if extra:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join([given, *extra]).strip()
 
 
 def for_devices(fn: Callable, devices: Any) -> Callable:
