@@ -32,6 +32,7 @@ _EXPORTS = {
     "make_loader": "loader",
     "iterator_checkpoint_args": "loader",
     "iterator_restore_args": "loader",
+    "restore_iterator_state": "loader",
     "ReferSource": "refer",
     "RefCocoTfdsSource": "refcoco",
 }

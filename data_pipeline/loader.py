@@ -1,15 +1,19 @@
-"""Grain input pipeline: deterministic shuffling, per-host sharding, batching and exact resume.
+"""Grain input pipeline: one global order, per-process slices of each global batch, exact resume.
 
-Source: the Grain `DataLoader` recipe (IndexSampler + RandomMap + Batch) and its Orbax checkpoint handler.
-The record order is a function of (seed, epoch): epoch e is permuted with seed + e (Grain's index shuffle),
-and a transform's random choices (DETRIS draws one sentence per object at random) come from a
-`np.random.Generator` seeded by (seed + global record index), so a resumed run sees the same bytes.
+Source: the Grain `DataLoader` recipe (sampler + RandomMap + Batch) and its Orbax checkpoint handler.
 
-Sharding: host k of n reads the k-th contiguous 1/n of the records (each permuted independently) and
-yields per-host batches of global_batch_size / n; `jax.process_index()/process_count()` by default.
-Training (`drop_remainder=True`) uses Grain's even shards; evaluation (`drop_remainder=False`) reads
-every record exactly once through an uneven shard view, since Grain's sampler would drop the remainder.
-With `num_epochs=None` the stream is endless and batches run across epoch boundaries.
+Training (`drop_remainder=True`): one global stream of records fixed by the seed alone
+(`data_pipeline.order`): epoch e is a permutation of all records seeded by (seed, e), global batch t is
+stream positions [t*G, (t+1)*G), and process k of n reads and transforms only its slice
+[t*G + k*G/n, t*G + (k+1)*G/n). A transform's random choices (DETRIS draws one sentence per object at random)
+come from a `np.random.Generator` keyed by (seed, stream position). So the global batches, bytes included, do
+not depend on the process count: a 4-process run trains on the batches of the 1-process run, and a checkpoint
+resumes on another process count at the same point of the stream (`order.restore_iterator_state`). With
+`num_epochs=None` the stream is endless and batches run across epoch boundaries.
+
+Evaluation (`drop_remainder=False`): process k of n reads the k-th contiguous block of the records (Grain's
+IndexSampler over an uneven shard view, so that every record is read exactly once).
+`jax.process_index()/process_count()` are the default process and count.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+
+from data_pipeline.order import GlobalOrderSampler, restore_iterator_state
 
 Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]]
 
@@ -69,9 +75,10 @@ def per_host_batch_size(global_batch_size: int, shard_count: int) -> int:
 
 
 def steps_per_epoch(num_records: int, global_batch_size: int, shard_count: int = 1) -> int:
-    """Full global batches in one epoch when every host drops its remainder records."""
-    per_host = per_host_batch_size(global_batch_size, shard_count)
-    return (num_records // shard_count) // per_host
+    """Full global batches in one epoch: ``num_records // global_batch_size`` for any ``shard_count`` (which
+    must divide the batch)."""
+    per_host_batch_size(global_batch_size, shard_count)
+    return num_records // global_batch_size
 
 
 def make_loader(
@@ -87,42 +94,41 @@ def make_loader(
     shard_count: int | None = None,
     worker_count: int = 0,
 ) -> grain.DataLoader:
-    """A Grain DataLoader over a random-access `source` yielding dicts of per-host batched arrays.
+    """A Grain DataLoader over a random-access `source` yielding dicts of per-process batched arrays.
 
     `transform(example, rng) -> dict of fixed-shape arrays`. Batches have a leading axis of
-    global_batch_size / shard_count. `drop_remainder` also makes the host shards equal in size (hosts must
-    step together); with `drop_remainder=False` (evaluation) shards may differ by one record and the last
-    batch may be short. `iter(loader)` gives an iterator with get_state()/set_state(); see
-    `iterator_checkpoint_args` for Orbax. The source needs a stable `repr` (Grain validates it on restore).
+    global_batch_size / shard_count. With `drop_remainder=True` (training) process `shard_index` reads its slice
+    of each global batch of the one global order (module docstring); with `drop_remainder=False` (evaluation)
+    every record is read once, the processes' blocks may differ by one record and the last batch may be short.
+    `iter(loader)` gives an iterator with get_state()/set_state(); see `iterator_checkpoint_args` for Orbax and
+    `restore_iterator_state` to resume on another process count. The source needs a stable `repr` (Grain
+    validates it on restore).
     """
     index, count = _host(shard_index, shard_count)
     batch = per_host_batch_size(global_batch_size, count)
     if len(source) == 0:
         raise ValueError(f"empty data source {source!r}")
-    if drop_remainder and num_epochs is not None and (len(source) // count) * num_epochs < batch:
-        raise ValueError(
-            f"{source!r} has {len(source)} records: {num_epochs} epoch(s) give no per-host batch of {batch} "
-            f"on {count} host(s)"
-        )
-    if drop_remainder:
-        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
-    else:  # every record once: the first len % count hosts read one more record
-        base, extra = divmod(len(source), count)
-        start = index * base + min(index, extra)
-        source = _ShardView(source, start, start + base + (index < extra))
-        shard = grain.sharding.NoSharding()
     # Grain's worker processes read absl flags; outside absl.app nothing parsed them
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
-    )
+    if drop_remainder:
+        sampler: Any = GlobalOrderSampler(
+            len(source), global_batch_size, shard_index=index, shard_count=count, seed=seed, shuffle=shuffle,
+            num_epochs=num_epochs, worker_count=worker_count,
+        )  # fmt: skip
+    else:  # every record once: the first len % count processes read one more record
+        base, extra = divmod(len(source), count)
+        start = index * base + min(index, extra)
+        source = _ShardView(source, start, start + base + (index < extra))
+        sampler = grain.samplers.IndexSampler(
+            num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed
+        )
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=[_RandomTransform(transform), grain.transforms.Batch(batch, drop_remainder=drop_remainder)],
         worker_count=worker_count,
-        shard_options=shard,
+        shard_options=grain.sharding.NoSharding(),
     )
 
 
@@ -137,5 +143,16 @@ def iterator_checkpoint_args(iterator: grain.DataLoaderIterator) -> Any:
 
 def iterator_restore_args(iterator: grain.DataLoaderIterator) -> Any:
     """Orbax restore args: `mngr.restore(step, args=ocp.args.Composite(..., data=iterator_restore_args(it)))`
-    moves `it` (a fresh iterator of an identically built loader) to the saved position, in place."""
+    moves `it` (a fresh iterator of an identically built loader) to the saved position, in place. Exact for the
+    same process count only; `restore_iterator_state(it, saved_json)` also maps a state onto another count."""
     return grain.checkpoint.CheckpointRestore(iterator)
+
+
+__all__ = [
+    "iterator_checkpoint_args",
+    "iterator_restore_args",
+    "make_loader",
+    "per_host_batch_size",
+    "restore_iterator_state",
+    "steps_per_epoch",
+]

@@ -1,6 +1,9 @@
-"""The Grain loader: deterministic order and randomness, exact resume (also through Orbax), disjoint shards."""
+"""The Grain loader: one global order and randomness for any process count, exact resume (also through Orbax and
+onto another process count), disjoint shards."""
 
 import functools
+import itertools
+import json
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -11,10 +14,12 @@ from data_pipeline.loader import (
     iterator_restore_args,
     make_loader,
     per_host_batch_size,
+    restore_iterator_state,
     steps_per_epoch,
 )
 from data_pipeline.preprocess import preprocess_train
 from data_pipeline.synthetic import SyntheticRefer
+from wimfris_jax.errors import UserError
 
 
 class Numbers:
@@ -107,10 +112,11 @@ def test_batch_size_and_shard_errors():
         make_loader(Numbers(10), _transform, global_batch_size=4, seed=0, shard_index=0, shard_count=3)
     with pytest.raises(ValueError, match="shard_index and shard_count"):
         make_loader(Numbers(10), _transform, global_batch_size=4, seed=0, shard_index=0)
-    with pytest.raises(ValueError, match="no per-host batch"):
+    with pytest.raises(ValueError, match="no global batch of 4"):
         make_loader(Numbers(3), _transform, global_batch_size=4, seed=0, num_epochs=1)
     assert per_host_batch_size(32, 4) == 8
     assert steps_per_epoch(42404, 32) == 1325 and steps_per_epoch(42404, 32, 4) == 1325
+    assert steps_per_epoch(10, 4, 2) == steps_per_epoch(10, 4, 4) == 2
 
 
 def test_synthetic_through_preprocess_batches():
@@ -122,3 +128,72 @@ def test_synthetic_through_preprocess_batches():
     assert batch["image"].shape == (3, 56, 56, 3) and batch["image"].dtype == np.float32
     assert batch["ids"].shape == (3, 17) and batch["ids"].dtype == np.int32
     assert batch["mask"].shape == (3, 14, 14) and batch["mask"].sum() > 0
+
+
+def _shard(k, n, **kw):
+    return iter(make(shard_index=k, shard_count=n, **kw))
+
+
+def _concat(batches):
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_processes_read_slices_of_the_one_process_batches(n):
+    full = _take(iter(make()), 7)  # 28 records: 2.8 epochs of 10; batches 2, 4 straddle epoch boundaries
+    shards = [_take(_shard(k, n), 7) for k in range(n)]
+    assert all(len(b["i"]) == 4 // n for s in shards for b in s)
+    _assert_same([_concat([s[t] for s in shards]) for t in range(7)], full)  # records and random choices
+    np.testing.assert_array_equal(full[0]["i"], [4, 0, 5, 3])  # this seed's order, pinned
+    np.testing.assert_array_equal(full[2]["i"], [2, 6, 2, 7])  # epoch 0 ends, epoch 1 begins
+
+
+def test_records_are_not_paired_across_epochs():
+    # the old contiguous shards: records i and i + N/2 shared every batch of every epoch on 2 processes
+    m = functools.partial(make_loader, Numbers(8), _transform, global_batch_size=4, seed=5, num_epochs=2)
+    full = np.concatenate([b["i"] for b in m()])
+    halves = [list(m(shard_index=k, shard_count=2)) for k in range(2)]
+    np.testing.assert_array_equal(np.concatenate([np.concatenate([a["i"], b["i"]]) for a, b in zip(*halves)]), full)
+    epochs = full.reshape(2, 8)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(8)) and not np.array_equal(*epochs)
+    together = [{frozenset(p) for b in e.reshape(2, 4) for p in itertools.combinations(b, 2)} for e in epochs]
+    assert together[0] != together[1]
+    assert not all(frozenset((i, i + 4)) in together[0] & together[1] for i in range(4))
+    seen = np.concatenate([b["i"] for b in halves[0]])  # process 0 reads records of both halves
+    assert (seen < 4).any() and (seen >= 4).any()
+
+
+def test_resume_mid_epoch_on_two_processes():
+    full = _take(_shard(1, 2), 6)
+    it = _shard(1, 2)
+    _take(it, 2)
+    resumed = _shard(1, 2)
+    resumed.set_state(it.get_state())
+    _assert_same(_take(resumed, 4), full[2:])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_state_carries_over_to_another_process_count(before, after):
+    full = _take(iter(make()), 6)
+    saved = _shard(0, before)
+    _take(saved, 3)  # 3 global batches: 12 records, mid-epoch 2
+    state = saved.get_state()
+    parts = []
+    for k in range(after):
+        it = _shard(k, after)
+        restore_iterator_state(it, state)
+        assert json.loads(it.get_state())["last_seen_indices"] == {"0": 3 * 4 // after - 1}
+        parts.append(_take(it, 3))
+    _assert_same([_concat([p[t] for p in parts]) for t in range(3)], full[3:])
+
+
+def test_state_that_cannot_carry_over():
+    it = _shard(0, 2)
+    _take(it, 2)
+    state = it.get_state()
+    with pytest.raises(UserError, match=r"data order changed \(global_batch_size 4 -> 8\)"):
+        restore_iterator_state(iter(make(global_batch_size=8)), state)
+    with pytest.raises(UserError, match=r"seed 5 -> 6"):
+        restore_iterator_state(iter(make(seed=6)), state)
+    with pytest.raises(UserError, match="cannot carry over"):
+        restore_iterator_state(iter(make(drop_remainder=False, num_epochs=1)), state)

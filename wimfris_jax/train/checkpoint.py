@@ -3,7 +3,8 @@
 Layout under ``workdir``::
 
   checkpoints/<step>/state   TrainState (params, frozen params, batch_stats, opt_state, step, rng)
-  checkpoints/<step>/data    grain iterator position (grain's orbax handler, one JSON per process)
+  checkpoints/<step>/data    grain iterator position (grain's orbax handler, one JSON per process; restored on
+                             another process count too, through the global stream position)
   checkpoints/<step>/meta    JSON: step, metrics known at save time
   best/<step>/...            the same without "data"; only the best by ``best_metric`` is kept
 
@@ -23,6 +24,7 @@ Readers (:mod:`wimfris_jax.train.checkpoint_reads`: :func:`load_variables` for `
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import shutil
@@ -35,7 +37,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from wimfris_jax.errors import one_line
+from data_pipeline.order import restore_iterator_state
+from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.load import CheckpointError, CheckpointNotFound
 from wimfris_jax.train.checkpoint_reads import TMP_MARK, check_fits, committed_steps, load_variables, quiet_abandoned_io
 from wimfris_jax.train.state import TrainState
@@ -186,14 +189,31 @@ class Checkpoints:
         folder = os.path.join(os.fspath(mngr.directory), str(step))
         check_fits(folder, target)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(target)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         quiet_abandoned_io()  # before: a failed restore's abandoned reads are reported while it fails
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**items))
+            if data_iter is not None:
+                _restore_data(os.path.join(folder, "data"), data_iter)
+        except UserError as e:  # the data position cannot carry over (data_pipeline.order)
+            raise CheckpointError(f"cannot restore {folder}: {e}") from e
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore / grain raise many unrelated types
             raise CheckpointError(f"cannot restore {folder}: {one_line(e)}") from e
         return restored["state"]
+
+
+def _restore_data(folder: str, data_iter: Any) -> None:
+    """Moves ``data_iter`` to the position saved in ``folder`` (grain's ``process_<i>-of-<n>.json``): this process's
+    file, or when the run was saved by another process count, process 0's, mapped onto this process's slice of the
+    same global stream (:func:`data_pipeline.order.restore_iterator_state`)."""
+    own = os.path.join(folder, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    saved = (
+        [own] if os.path.exists(own) else sorted(glob.glob(os.path.join(glob.escape(folder), "process_0-of-*.json")))
+    )
+    if not saved:
+        raise CheckpointError(f"{folder} holds no data-iterator position (process_<i>-of-<n>.json)")
+    with open(saved[0], "rb") as f:
+        restore_iterator_state(data_iter, f.read())
+    data_iter.start_prefetch()  # as grain's own handler
 
 
 def _meta(step: int, metrics: Mapping[str, float] | None) -> dict[str, Any]:

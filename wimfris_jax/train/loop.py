@@ -38,6 +38,7 @@ import numpy as np
 import tqdm
 
 from data_pipeline.loader import make_loader as grain_loader
+from data_pipeline.loader import steps_per_epoch
 from data_pipeline.preprocess import preprocess_train
 from data_pipeline.sources import build_source
 from wimfris_jax import model as model_lib
@@ -95,8 +96,7 @@ def train(
     mesh = mesh if mesh is not None else sharding.make_mesh()
 
     gbs = int(tc.global_batch_size)
-    hosts = jax.process_count()
-    spe = int(tc.get("steps_per_epoch") or 0) or (len(source) // hosts) // max(1, gbs // hosts)
+    spe = int(tc.get("steps_per_epoch") or 0) or steps_per_epoch(len(source), max(1, gbs))  # any process count
     if spe <= 0:
         raise ValueError(f"the training source has {len(source)} examples, fewer than one batch of {gbs}")
     total = int(tc.epochs) * spe

@@ -14,8 +14,9 @@ Multi-host (``maybe_initialize_distributed``), read before JAX touches any devic
     SLURM, Open MPI, GKE);
   * neither: single process, nothing is done.
 
-Each host then feeds its own slice of the global batch (``data_pipeline.loader.make_loader`` shards by
-``jax.process_index()``); :func:`shard_batch` assembles the global array from the per-host pieces.
+Each host then feeds its own slice of the global batch (``data_pipeline.loader.make_loader`` reads process
+``jax.process_index()``'s slice of each batch of one global order, the same for any process count);
+:func:`shard_batch` assembles the global array from the per-host pieces.
 """
 
 from __future__ import annotations
