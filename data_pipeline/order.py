@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from typing import Any
 
 import grain
@@ -33,6 +34,12 @@ from wimfris_jax.errors import UserError
 # fields of the sampler's repr that may differ between a saved state and the iterator it is restored into
 _PER_RUN = ("shard_index", "shard_count", "worker_count")
 _REPR = re.compile(r"GlobalOrderSampler\((.*)\)")
+# the sampler of runs saved before the global order (one process: a plain Grain IndexSampler over all records)
+_OLD_ONE_PROCESS = re.compile(r"IndexSampler\(.*shard_options=ShardOptions\(shard_index=0, shard_count=1, .*\)")
+
+
+class DataOrderChanged(UserWarning):
+    """A run saved before the global order resumes at the same step in the new order (other records follow)."""
 
 
 class GlobalOrderSampler:
@@ -141,6 +148,15 @@ def restore_iterator_state(iterator: Any, saved: bytes | str) -> None:
         iterator.set_state(saved)
         return
     a, b = _fields(old["sampler"]), _fields(new["sampler"])
+    if a is None and b is not None and _OLD_ONE_PROCESS.fullmatch(old["sampler"]) and old["worker_count"] == 0:
+        done = (int(old["last_seen_indices"]["0"]) + 1) // int(b["global_batch_size"])
+        warnings.warn(DataOrderChanged(
+            f"the run was saved before data_pipeline.order: it resumes after {done} global batches, in the new "
+            "order (the records it sees next differ from those the old order had next)"), stacklevel=2)  # fmt: skip
+        iterator.set_state(
+            json.dumps(state_at(new, done, int(b["global_batch_size"]) // int(b["shard_count"]))).encode()
+        )
+        return
     if a is None or b is None:
         raise UserError(f"the saved data position of {old['sampler']} cannot carry over to {new['sampler']}")
     changed = [

@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 
+import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -17,6 +18,7 @@ from data_pipeline.loader import (
     restore_iterator_state,
     steps_per_epoch,
 )
+from data_pipeline.order import DataOrderChanged
 from data_pipeline.preprocess import preprocess_train
 from data_pipeline.synthetic import SyntheticRefer
 from wimfris_jax.errors import UserError
@@ -197,3 +199,21 @@ def test_state_that_cannot_carry_over():
         restore_iterator_state(iter(make(seed=6)), state)
     with pytest.raises(UserError, match="cannot carry over"):
         restore_iterator_state(iter(make(drop_remainder=False, num_epochs=1)), state)
+
+
+def test_a_one_process_run_saved_before_the_global_order_resumes_at_its_step():
+    old = grain.DataLoader(  # how make_loader read one process before data_pipeline.order
+        data_source=Numbers(8),
+        sampler=grain.samplers.IndexSampler(
+            num_records=8, shard_options=grain.sharding.ShardOptions(0, 1, True), shuffle=True, num_epochs=None, seed=5
+        ),  # fmt: skip
+        operations=[grain.transforms.Batch(4, drop_remainder=True)],
+        shard_options=grain.sharding.ShardOptions(0, 1, True),
+    )
+    it = iter(old)
+    _take(it, 3)
+    for k, count in ((0, 1), (1, 2)):
+        resumed = _shard(k, count)
+        with pytest.warns(DataOrderChanged, match="after 3 global batches"):
+            restore_iterator_state(resumed, it.get_state())
+        assert json.loads(resumed.get_state())["last_seen_indices"] == {"0": 3 * 4 // count - 1}
