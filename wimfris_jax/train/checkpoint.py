@@ -37,7 +37,14 @@ import orbax.checkpoint as ocp
 
 from wimfris_jax.errors import one_line
 from wimfris_jax.load import CheckpointError, CheckpointNotFound
-from wimfris_jax.train.checkpoint_reads import TMP_MARK, check_fits, committed_steps, load_variables, quiet_abandoned_io
+from wimfris_jax.train.checkpoint_reads import (
+    TMP_MARK,
+    check_fits,
+    committed_steps,
+    load_variables,
+    quiet_abandoned_io,
+    restore_target,
+)
 from wimfris_jax.train.state import TrainState
 from wimfris_jax.train.workdir import hold_workdir
 
@@ -185,7 +192,7 @@ class Checkpoints:
     def _restore(mngr: ocp.CheckpointManager, step: int, target: Any, data_iter: Any) -> TrainState:
         folder = os.path.join(os.fspath(mngr.directory), str(step))
         check_fits(folder, target)
-        items: dict[str, Any] = {"state": ocp.args.StandardRestore(target)}
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(restore_target(target))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         quiet_abandoned_io()  # before: a failed restore's abandoned reads are reported while it fails
