@@ -40,7 +40,14 @@ import orbax.checkpoint as ocp
 from data_pipeline.order import restore_iterator_state
 from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.load import CheckpointError, CheckpointNotFound
-from wimfris_jax.train.checkpoint_reads import TMP_MARK, check_fits, committed_steps, load_variables, quiet_abandoned_io
+from wimfris_jax.train.checkpoint_reads import (
+    TMP_MARK,
+    check_fits,
+    committed_steps,
+    load_variables,
+    quiet_abandoned_io,
+    restore_target,
+)
 from wimfris_jax.train.state import TrainState
 from wimfris_jax.train.workdir import hold_workdir
 
@@ -188,7 +195,7 @@ class Checkpoints:
     def _restore(mngr: ocp.CheckpointManager, step: int, target: Any, data_iter: Any) -> TrainState:
         folder = os.path.join(os.fspath(mngr.directory), str(step))
         check_fits(folder, target)
-        items: dict[str, Any] = {"state": ocp.args.StandardRestore(target)}
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(restore_target(target))}
         quiet_abandoned_io()  # before: a failed restore's abandoned reads are reported while it fails
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(**items))

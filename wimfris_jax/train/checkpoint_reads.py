@@ -3,6 +3,8 @@
 Readers never create, clean up or lock anything: they list the committed step folders from the file system
 (:func:`committed_steps`), skip unfinished ones, and restore with a plain checkpointer, so a run can be read while it
 trains. A damaged checkpoint is skipped for the newest intact one, with a :class:`CheckpointFallbackWarning`.
+Arrays are restored onto this process's own first device whatever devices and processes wrote them (one process or
+many, replicated or FSDP); resume restores onto the current mesh's shardings (:func:`restore_target`).
 
 A run that saves often deletes its older steps (it keeps its last N), possibly in the middle of a read: orbax
 removes a step's files, then its folders, right after it commits a newer step. A read that fails on such a step is
@@ -51,6 +53,33 @@ def check_fits(folder: str, target: Any) -> None:
             f"{folder} does not fit the model (was the model config changed since the run started?): "
             f"{problems[0]}" + (f"; {len(problems) - 1} more array(s) differ" if len(problems) > 1 else "")
         )
+
+
+def restore_target(tree: Any) -> Any:
+    """The orbax restore target that places every array of ``tree`` on this process's devices, whatever device or
+    process layout wrote the checkpoint: the one home of restore shardings, for resume and the readers alike.
+
+    ``tree``: a restore target (a TrainState of ``jax.ShapeDtypeStruct`` with the current mesh's shardings: each
+    keeps its own) or a checkpoint's metadata tree (``ArrayMetadata``, whose saved sharding names the writer's
+    devices: ignored). An array leaf without a ``jax.sharding.Sharding`` of its own goes to this process's first
+    device, so orbax never rebuilds the writer's sharding, which fails ("Topology mismatch") or spans other
+    processes' devices where the reader's devices differ. Scalars and non-array leaves are left as they are."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, ocp.metadata.ScalarMetadata) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            return x
+        own = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=own if isinstance(own, jax.sharding.Sharding) else here)
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def _restore_here(ckptr: Any, folder: str) -> Any:
+    """``<folder>/state`` restored as a nested dict on this process's first device (:func:`restore_target`)."""
+    state = pathlib.Path(folder, "state")
+    metadata = ckptr.handler.metadata(state)
+    return ckptr.restore(state, restore_target(getattr(metadata, "tree", metadata)))
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -166,7 +195,7 @@ def load_variables(path: str | os.PathLike, which: str | int = "auto") -> tuple[
         vanished, skipped = None, []
         for folder in _candidates(path, which):
             try:
-                tree = _read(lambda c, f=folder: c.restore(os.path.join(f, "state")), folder)
+                tree = _read(lambda c, f=folder: _restore_here(c, f), folder)
             except CheckpointError as e:
                 if _deleted_by_run(folder):
                     vanished = folder
