@@ -107,7 +107,8 @@ def compile_eval(config, devices, batch: int, dtype: str) -> dict:
 def _compiled_row(row: dict, lower) -> tuple[dict, object]:
     """``row`` completed by compiling ``lower()``: compile time, peak GiB per device, kernel and attention census.
     A compile the target's memory refuses (TPU: RESOURCE_EXHAUSTED) gives the row with ``error`` and, as
-    ``peak_gib``, the temporaries the compiler asked for (a lower bound); ``compiled`` is then None."""
+    ``peak_gib``, the temporaries the compiler asked for or the HBM it used when it gave up (a lower bound);
+    ``compiled`` is then None."""
     t0 = time.perf_counter()
     with record_decisions() as decisions:
         lowered = lower()
@@ -115,7 +116,7 @@ def _compiled_row(row: dict, lower) -> tuple[dict, object]:
     try:
         compiled, row["compiler_options"] = _compile(lowered)
     except jax.errors.JaxRuntimeError as e:
-        m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e)) or re.search(r"Used ([\d.]+)G of", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not m:
             raise
         row.update(compile_s=time.perf_counter() - t0, peak_gib=float(m.group(1)), kernels={},
