@@ -49,7 +49,7 @@ def test_dropout_rate_scale_and_determinism():
 
 def test_resolve_remat():
     assert layers.resolve_remat("auto", "cpu") == "none"
-    assert (layers.resolve_remat("auto", "gpu"), layers.resolve_remat("auto", "tpu")) == ("dots", "none")
+    assert (layers.resolve_remat("auto", "gpu"), layers.resolve_remat("auto", "tpu")) == ("dots", "dots")
     assert layers.resolve_remat("block", "gpu") == "block"
     with pytest.raises(ValueError, match="train.remat"):
         layers.resolve_remat("full")

@@ -104,12 +104,12 @@ def conv(features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Conv:
 
 
 REMAT_MODES = ("none", "block", "dots")
-# "auto" per platform. CPU: memory is plentiful, recomputation costs time. GPU: WIMFRIS-B, batch 32, 448 px, bf16,
-# compiled for an H200 (benchmarks/aot.py, README "Compiled for accelerators"): "dots" keeps the matrix products
-# and recomputes the rest, for less recomputation than "block" (+11% vs +27% FLOPs in a CPU compile). TPU: with
-# libtpu 0.0.42.1, "dots" (even at tiny sizes) and "block" (at WIMFRIS-B's) crash its convolution tiling on a v5e
-# 2x2 slice (stack overflow in FusedSpatialMajorConvolution::MakeConvWindows); "none" compiles.
-AUTO_REMAT = {"cpu": "none", "gpu": "dots", "tpu": "none"}
+# "auto" per platform. CPU: memory is plentiful, recomputation costs time. GPU and TPU: "dots" keeps the matrix
+# products and recomputes the rest, for less recomputation than "block" (+11% vs +27% FLOPs in a CPU compile) and
+# far less memory than "none" (benchmarks/aot.py, README "Compiled for accelerators": WIMFRIS-B, batch 32, 448 px,
+# bf16: H200 12.5 GiB vs 22.1; v5e 2x2 slice 10.2 vs 12.4 GiB per chip). On TPU it needs libtpu's larger fiber
+# stacks (wimfris_jax.platform.prepare_libtpu), without which libtpu 0.0.42.1 crashes compiling it.
+AUTO_REMAT = {"cpu": "none", "gpu": "dots", "tpu": "dots"}
 
 
 def resolve_remat(mode: str, platform: str | None = None) -> str:
