@@ -22,7 +22,9 @@ shutdown barrier (which would wait for the dead process, then abort with a C++ s
 answering without closing its connections (a host gone from the network) is declared dead by the coordination
 service after the heartbeat timeout (``WIMFRIS_HEARTBEAT_TIMEOUT``, :mod:`~wimfris_jax.train.sharding`); the
 others then abort (JAX's own message, status 134). If process 0, which hosts the coordination service, dies, the
-others abort at once the same way: JAX gives Python no way to intercept either.
+others stop at once, JAX's fatal message racing this one line (status 134 or 1): JAX gives Python no way to
+intercept its abort (``missed_heartbeat_callback`` is not reachable through ``jax.distributed.initialize``, and a
+Python callback there fails to convert the C++ status).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from wimfris_jax.errors import UserError, one_line
+from wimfris_jax.train.checkpoint_reads import committed_steps
 from wimfris_jax.train.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 
 # what a collective or the coordination service says when another process is gone
@@ -104,13 +107,14 @@ class StopAgreement:
                 raise TrainingInterrupted(own or int(np.max(flags)), orderly=True)
 
 
-def lost_process_error(error: BaseException, last_checkpoint: int | None) -> ProcessLost | None:
-    """The one-line error of a multi-process run whose collective failed because another process is gone; None for
-    another error, or in a single process."""
+def lost_process_error(error: BaseException, workdir: str) -> ProcessLost | None:
+    """The one-line error of a multi-process run (in ``workdir``) whose collective failed because another process is
+    gone, naming the last checkpoint; None for another error, or in a single process."""
     text = str(error).lower()
     if not distributed() or not any(marker in text for marker in LOST_MARKERS):
         return None
-    good = f"step {last_checkpoint}" if last_checkpoint is not None else "none"
+    done = committed_steps(os.path.join(workdir, "checkpoints"))
+    good = f"step {done[-1]}" if done else "none"
     return ProcessLost(
         f"another process of this run is gone ({one_line(error)}); this one stops too; last checkpoint: {good}"
     )

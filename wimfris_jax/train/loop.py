@@ -4,10 +4,10 @@ Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; docs/detris_c
 around :mod:`~wimfris_jax.train.step`. Every piece is built from the config unless injected (tests inject a
 toy model; the CLI may inject pretrained variables through ``init_fn``).
 
-Config keys read (``config.train``): global_batch_size, epochs, steps_per_epoch (default
-len(source) // global_batch_size), lr, lr_milestones, lr_decay, trainable, compute_dtype, fsdp,
-fsdp_min_size, log_every, ckpt_every, keep_last, eval_every (steps; 0 = only at the end) or
-eval_every_epochs, best_metric ("mIoU"), resume; ``config.seed``.
+Config keys read: ``config.seed`` and ``config.train``'s (each declared, with its default, by configs/common.py
+``train_config``; README.md "Training settings"): global_batch_size, epochs, steps_per_epoch (0: len(source) //
+global_batch_size), the optimiser's, trainable, compute_dtype, remat, fsdp, fsdp_min_size, log_every, ckpt_every,
+keep_last, eval_every (steps; 0 = only at the end) or eval_every_epochs, best_metric ("mIoU"), resume.
 
 Failure handling: the losses and gradient norms of all steps since the last check are verified before
 every log line, checkpoint and evaluation; a non-finite value raises :class:`NonFiniteLossError` (a
@@ -141,7 +141,7 @@ def train(
             failures.check()  # a last save that failed in orbax's thread, which only logged it
             return state
         except Exception as e:
-            error = _write_error(e, workdir, failures) or lost_process_error(e, _last_step(workdir))
+            error = _write_error(e, workdir, failures) or lost_process_error(e, workdir)
             if error is None:
                 raise
             raise error from e
@@ -210,18 +210,21 @@ def _steps(
                     t_log, steps_logged = time.perf_counter(), 0
         except KeyboardInterrupt as e:  # a stop signal after the step in flight, or a second one at once
             signum = getattr(e, "signum", signal.SIGINT)
-            if stop.multi and not getattr(e, "orderly", False):
-                abandon = True
-                raise TrainingInterrupted(
-                    signum,
-                    f"{describe(signum)} again at step {step}; not saved (a second "
-                    f"signal stops at once); last checkpoint: step {last_saved}",
-                ) from e
+            again = (f"{describe(signum)} again at step {step}; not saved (a second signal stops at once); "
+                     f"last checkpoint: {f'step {last_saved}' if last_saved else 'none'}")  # fmt: skip
+            if stop.multi and not getattr(e, "orderly", False):  # no collective save (the others are elsewhere),
+                abandon = True  # no wait: the CLI leaves at once
+                raise TrainingInterrupted(signum, again) from e
             _check_and_average(pending)
             try:
                 if int(state.step) != last_saved:
                     ckpts.save(state, data_iter)
                 ckpts.wait()
+            except KeyboardInterrupt as second:  # a second signal while saving: one process waits for its save
+                abandon = stop.multi
+                if not abandon:
+                    raise
+                raise TrainingInterrupted(signum, again) from second
             except RuntimeError as err:  # a second signal inside a step can leave the state donated
                 if write_failure(err, workdir):
                     raise
@@ -248,17 +251,11 @@ def _write_error(error: Exception, workdir: str, failures: WriteFailures) -> Wor
     if reason is None:
         return None
     discard_unfinished(workdir)  # the space the failed save took; under the lock, with no save in flight
-    last = _last_step(workdir)
-    good = f"step {last} ({workdir}/checkpoints/{last})" if last is not None else "none (no checkpoint was saved)"
+    done = committed_steps(os.path.join(workdir, "checkpoints"))
+    good = f"step {done[-1]} ({workdir}/checkpoints/{done[-1]})" if done else "none (no checkpoint was saved)"
     return WorkdirWriteError(
         f"cannot write to {workdir} ({reason}); training stopped, the last good checkpoint: {good}"
     )
-
-
-def _last_step(workdir: str) -> int | None:
-    """The last committed checkpoint's step in ``workdir``, or None."""
-    done = committed_steps(os.path.join(workdir, "checkpoints"))
-    return done[-1] if done else None
 
 
 def _check_and_average(pending: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, float]:

@@ -61,6 +61,8 @@ def maybe_initialize_distributed(
         auto = env.get("WIMFRIS_DISTRIBUTED", "").lower() in ("auto", "1", "true")
     explicit = (coordinator_address, num_processes, process_id)
     heartbeat = _env_int("WIMFRIS_HEARTBEAT_TIMEOUT") if env.get("WIMFRIS_HEARTBEAT_TIMEOUT") else HEARTBEAT_TIMEOUT_S
+    if heartbeat < 1:
+        raise ValueError(f"WIMFRIS_HEARTBEAT_TIMEOUT={heartbeat}: must be a positive number of seconds")
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise ValueError(
