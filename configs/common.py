@@ -128,22 +128,34 @@ def data_config(
 
 
 def train_config(*, global_batch_size: int, lr: float, epochs: int = 50, **kw: Any) -> ml_collections.ConfigDict:
-    """config.train: Adam, step decay x lr_decay at lr_milestones (epochs), trainable = all but the backbones."""
+    """config.train: Adam, step decay x lr_decay at lr_milestones (epochs), trainable = all but the backbones.
+
+    Every key the training code reads is declared here with its default, so that ``--set train.KEY=VALUE`` can set
+    it (the README's table says what each does)."""
     base = dict(
-        global_batch_size=global_batch_size,
+        global_batch_size=global_batch_size,  # over all devices of all processes
         epochs=epochs,
+        steps_per_epoch=0,  # 0: len(train set) // global_batch_size
         lr=lr,
+        lr_schedule="step",  # step: x lr_decay at each of lr_milestones (epochs); poly: (1 - t/T) ** lr_power
         lr_milestones=(35,),
         lr_decay=0.1,
+        lr_power=0.9,
+        lr_scale=(),  # ((regex, factor), ...): scales the rate of the matching parameters
+        weight_decay=0.0,  # > 0: AdamW (decoupled), sparing the parameters matching no_decay
+        no_decay=(),
         trainable=TRAINABLE,
         compute_dtype="float32",  # or "bfloat16": bf16 compute, float32 parameters / optimiser / loss
         remat="auto",  # none | block | dots; auto: "dots" on GPU and TPU, "none" on CPU (wimfris_jax/layers.py)
         fsdp=False,
+        fsdp_min_size=2**18,  # elements; smaller arrays stay replicated (= sharding.DEFAULT_FSDP_MIN_SIZE)
         log_every=50,
         ckpt_every=2000,
         keep_last=2,
         eval_every_epochs=1,
         eval_every=0,
+        eval_batch_size=0,  # 0: global_batch_size
+        eval_max_examples=ml_collections.FieldReference(None, field_type=int),  # None: the whole validation split
         best_metric="mIoU",
         resume=False,
     )

@@ -246,3 +246,40 @@ def test_backbones_that_pad_take_any_image_size():
                              ["model.image_size=66", "data.image_size=66"])  # fmt: skip
     assert config.model.image_size == 66
     assert json.loads(config.to_json_best_effort())["data"]["image_size"] == 66
+
+
+def _train_keys_read() -> set[str]:
+    """Every config.train key the package's code reads (``tc.get("k")``, ``train_config.k``, ``choice(train_config,
+    "k", ...)``, ...) or validates (config_check's rules)."""
+    from wimfris_jax.config_check import TRAIN_CHOICES, TRAIN_RULES
+
+    owner = r"(?:\btc|\btrain_config|\bconfig\.train|\bconfig\[\"train\"\])"
+    patterns = [
+        re.compile(owner + r"\.get\(\s*\"(\w+)\""),
+        re.compile(owner + r"\[\"(\w+)\"\]"),
+        re.compile(owner + r"\.(?!get\b|update\b|keys\b|items\b|values\b|to_json)(\w+)\b(?!\()"),
+        re.compile(r"choice\(\s*train_config,\s*\"(\w+)\""),
+    ]
+    keys = {k for rule in TRAIN_RULES for k in rule[0]} | set(TRAIN_CHOICES)
+    for path in glob.glob(os.path.join(ROOT, "wimfris_jax", "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        keys |= {k for p in patterns for k in p.findall(source)}
+    return keys
+
+
+def test_every_train_key_the_code_reads_is_declared_and_settable():
+    """configs/common.py's train_config declares every key with its default, so ``--set train.KEY=...`` works."""
+    from configs.common import train_config
+    from wimfris_jax.train.sharding import DEFAULT_FSDP_MIN_SIZE
+
+    keys = _train_keys_read()
+    assert {"fsdp_min_size", "steps_per_epoch", "eval_batch_size", "weight_decay", "lr_schedule"} <= keys
+    declared = train_config(global_batch_size=1, lr=1.0)
+    assert sorted(keys - set(declared)) == []
+    assert declared.fsdp_min_size == DEFAULT_FSDP_MIN_SIZE
+    sets = ["train.fsdp_min_size=1024", "train.steps_per_epoch=7", "train.eval_max_examples=5",
+            "train.lr_scale=(('^neck/', 0.5),)"]  # fmt: skip
+    config = apply_overrides(load_config(TINY), sets)
+    assert (config.train.fsdp_min_size, config.train.steps_per_epoch, config.train.eval_max_examples) == (1024, 7, 5)
+    assert config.train.lr_scale == (("^neck/", 0.5),)

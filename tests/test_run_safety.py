@@ -33,8 +33,9 @@ from wimfris_jax.io import flatten
 from wimfris_jax.load import CheckpointError, CheckpointNotFound
 from wimfris_jax.train import checkpoint_reads
 from wimfris_jax.train.checkpoint import committed_steps, load_variables
+from wimfris_jax.train.hosts import StopAgreement, lost_process_error
 from wimfris_jax.train.logging import read_metrics
-from wimfris_jax.train.signals import TrainingInterrupted
+from wimfris_jax.train.signals import StopSignals, TrainingInterrupted
 from wimfris_jax.train.workdir import WorkdirInUse, WorkdirWriteError, hold_workdir, lock_path, write_failure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,6 +263,30 @@ def test_training_interrupted_carries_the_exit_status():
     e = TrainingInterrupted(signal.SIGTERM)
     assert isinstance(e, KeyboardInterrupt) and e.exit_status == 143 and str(e) == "terminated (SIGTERM)"
     assert TrainingInterrupted(signal.SIGINT, "interrupted (SIGINT) at step 3").exit_status == 130
+
+
+def test_stop_signals_forward_the_first_signal_and_raise_the_second_at_once():
+    """The first SIGINT sets the flag and runs ``on_first`` (a multi-process run forwards it to JAX's preemption
+    notifier); ``check`` raises it between steps (orderly); a second one raises at once (not orderly); the handler in
+    place before is back afterwards. One process: :class:`StopAgreement` is plain StopSignals, and a lost-process
+    error is never reported (no other process)."""
+    forwarded = []
+    before = signal.getsignal(signal.SIGINT)
+    with StopAgreement() as agreement:
+        assert not agreement.multi and agreement.signals.signals == (signal.SIGINT, signal.SIGTERM)
+    with StopSignals((signal.SIGINT,), on_first=forwarded.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert forwarded == [signal.SIGINT] and stop.signum == signal.SIGINT
+        with pytest.raises(TrainingInterrupted) as first:
+            stop.check()
+        assert first.value.orderly and first.value.exit_status == 130
+        with pytest.raises(TrainingInterrupted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert not second.value.orderly and forwarded == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before
+    assert lost_process_error(RuntimeError("Gloo all-reduce failed: Connection closed by peer"), "/nowhere") is None
 
 
 # -- disk trouble -----------------------------------------------------------------------------------------------

@@ -145,3 +145,14 @@ def test_maybe_initialize_distributed_env(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
         sharding.maybe_initialize_distributed()
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert sharding.maybe_initialize_distributed() is True
+    monkeypatch.setenv("WIMFRIS_HEARTBEAT_TIMEOUT", "12")
+    sharding.maybe_initialize_distributed()
+    assert calls == [(("10.0.0.1:1234", 2, 1), {"heartbeat_timeout_seconds": hb}) for hb in (30, 12)]
+    monkeypatch.setenv("WIMFRIS_HEARTBEAT_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="WIMFRIS_HEARTBEAT_TIMEOUT=0"):
+        sharding.maybe_initialize_distributed()

@@ -21,7 +21,9 @@ every error. Warnings of this package (e.g. a damaged checkpoint skipped for an 
 Training stopped by Ctrl-C or SIGTERM saves a checkpoint, prints one line (``wimfris train: terminated (SIGTERM) at
 step N; checkpoint saved in W/checkpoints``) and exits with 128 + the signal number (130, 143). A workdir in use
 by another training run, or a write into it that fails (disk full, ``ulimit -f``, read-only), is an error of one
-line, status 1 (:mod:`wimfris_jax.train.workdir`).
+line, status 1 (:mod:`wimfris_jax.train.workdir`). The processes of a multi-process run stop together on Ctrl-C or
+SIGTERM (each prints its line); one that stops alone (an error, a second Ctrl-C) exits at once, without JAX's
+shutdown barrier, and the others stop with one line when they find it gone (:mod:`wimfris_jax.train.hosts`).
 
 Imports: each command imports the modules only it needs (training loop, evaluation, prediction, demo, summary) when
 it runs, so that ``wimfris --help`` and argument errors do not load orbax, grain and the rest of that code (measured:
@@ -35,6 +37,7 @@ import functools
 import json
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +48,7 @@ from wimfris_jax.errors import UserError
 from wimfris_jax.io import ensure_writable_file
 from wimfris_jax.load import load_model, pretrained_init_fn
 from wimfris_jax.platform import prepare_libtpu
+from wimfris_jax.train.hosts import distributed, leave
 from wimfris_jax.train.sharding import maybe_initialize_distributed
 
 
@@ -273,12 +277,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # training's TrainingInterrupted says where it stopped and what it saved
         print(f"wimfris {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
-        return int(getattr(e, "exit_status", 130))
+        return leave(int(getattr(e, "exit_status", 130)), orderly=getattr(e, "orderly", False))
     except Exception as e:
         if args.debug or not _expected(e):
-            raise
-        print(f"wimfris {args.command}: error: {_message(e)}", file=sys.stderr)
-        return 1
+            if not distributed():
+                raise
+            traceback.print_exc()  # then leave at once: the other processes may be waiting in a collective
+        else:
+            print(f"wimfris {args.command}: error: {_message(e)}", file=sys.stderr)
+        return leave(1, orderly=False)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ Implements the WIMFRIS / DETRIS training recipe (WIMFRIS Sec. 4.1; docs/detris_c
 around :mod:`~wimfris_jax.train.step`. Every piece is built from the config unless injected (tests inject a
 toy model; the CLI may inject pretrained variables through ``init_fn``).
 
-Config keys read (``config.train``): global_batch_size, epochs, steps_per_epoch (default
-len(source) // global_batch_size), lr, lr_milestones, lr_decay, trainable, compute_dtype, fsdp,
-fsdp_min_size, log_every, ckpt_every, keep_last, eval_every (steps; 0 = only at the end) or
-eval_every_epochs, best_metric ("mIoU"), resume; ``config.seed``.
+Config keys read: ``config.seed`` and ``config.train``'s (each declared, with its default, by configs/common.py
+``train_config``; README.md "Training settings"): global_batch_size, epochs, steps_per_epoch (0: len(source) //
+global_batch_size), the optimiser's, trainable, compute_dtype, remat, fsdp, fsdp_min_size, log_every, ckpt_every,
+keep_last, eval_every (steps; 0 = only at the end) or eval_every_epochs, best_metric ("mIoU"), resume.
 
 Failure handling: the losses and gradient norms of all steps since the last check are verified before
 every log line, checkpoint and evaluation; a non-finite value raises :class:`NonFiniteLossError` (a
@@ -16,8 +16,9 @@ One writer per run: the workdir's lock is taken before anything in it changes an
 (:mod:`~wimfris_jax.train.workdir`; a second run raises :class:`~wimfris_jax.train.workdir.WorkdirInUse`).
 SIGINT (Ctrl-C) and SIGTERM are deferred to the end of the current step, then a checkpoint is written and
 :class:`~wimfris_jax.train.signals.TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; a second signal
-interrupts at once; a signal ignored at the start (e.g. SIGINT in the background) stays ignored. A write into the
-workdir that fails (disk full, ``ulimit -f``, read-only) stops the run with one
+interrupts at once; a signal ignored at the start (e.g. SIGINT in the background) stays ignored; the processes of a
+multi-process run stop at a step they agree on, or all stop when one is lost (:mod:`~wimfris_jax.train.hosts`). A
+write into the workdir that fails (disk full, ``ulimit -f``, read-only) stops the run with one
 :class:`~wimfris_jax.train.workdir.WorkdirWriteError` naming the last good checkpoint, which stays intact. On
 resume, metrics logged after the restored checkpoint are dropped (:class:`~wimfris_jax.train.logging.MetricWriter`),
 so each step is logged once.
@@ -46,9 +47,10 @@ from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.train import sharding
 from wimfris_jax.train.checkpoint import Checkpoints, committed_steps, discard_unfinished
 from wimfris_jax.train.checkpoint_reads import quiet_abandoned_io
+from wimfris_jax.train.hosts import StopAgreement, lost_process_error
 from wimfris_jax.train.logging import MetricWriter
 from wimfris_jax.train.optim import make_optimizer
-from wimfris_jax.train.signals import StopSignals, TrainingInterrupted, describe
+from wimfris_jax.train.signals import TrainingInterrupted, describe
 from wimfris_jax.train.state import DEFAULT_TRAINABLE, TrainState, abstract_state, init_train_state, init_variables
 from wimfris_jax.train.step import jit_train_step, make_train_step
 from wimfris_jax.train.workdir import WorkdirWriteError, WriteFailures, hold_workdir, write_failure
@@ -139,7 +141,7 @@ def train(
             failures.check()  # a last save that failed in orbax's thread, which only logged it
             return state
         except Exception as e:
-            error = _write_error(e, workdir, failures)
+            error = _write_error(e, workdir, failures) or lost_process_error(e, workdir)
             if error is None:
                 raise
             raise error from e
@@ -176,10 +178,11 @@ def _steps(
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # device metrics not yet checked
     bar = tqdm.tqdm(total=total, initial=step, disable=jax.process_index() != 0, dynamic_ncols=True, desc="train")
     t_log, steps_logged = time.perf_counter(), 0
-    with StopSignals() as stop:
+    abandon = False  # a second signal in a multi-process run: no save, no wait (the other processes are elsewhere)
+    with StopAgreement() as stop:
         try:
             while step < total:
-                stop.check()  # a stop signal arrived during the previous step
+                stop.check(step)  # a stop signal arrived during the previous step (on any process)
                 failures.check()  # a save failed in orbax's thread
                 batch = sharding.shard_batch(next(data_iter), mesh)
                 state, metrics = step_fn(state, batch)
@@ -207,24 +210,35 @@ def _steps(
                     t_log, steps_logged = time.perf_counter(), 0
         except KeyboardInterrupt as e:  # a stop signal after the step in flight, or a second one at once
             signum = getattr(e, "signum", signal.SIGINT)
+            again = (f"{describe(signum)} again at step {step}; not saved (a second signal stops at once); "
+                     f"last checkpoint: {f'step {last_saved}' if last_saved else 'none'}")  # fmt: skip
+            if stop.multi and not getattr(e, "orderly", False):  # no collective save (the others are elsewhere),
+                abandon = True  # no wait: the CLI leaves at once
+                raise TrainingInterrupted(signum, again) from e
             _check_and_average(pending)
             try:
                 if int(state.step) != last_saved:
                     ckpts.save(state, data_iter)
                 ckpts.wait()
+            except KeyboardInterrupt as second:  # a second signal while saving: one process waits for its save
+                abandon = stop.multi
+                if not abandon:
+                    raise
+                raise TrainingInterrupted(signum, again) from second
             except RuntimeError as err:  # a second signal inside a step can leave the state donated
                 if write_failure(err, workdir):
                     raise
                 raise TrainingInterrupted(signum, f"{describe(signum)} at step {step}; could not save ({one_line(err)})"
                                           f"; last checkpoint: step {last_saved}") from err  # fmt: skip
             saved = f"checkpoint saved in {workdir}/checkpoints" if ckpts.latest_step() is not None else "nothing saved"
-            raise TrainingInterrupted(signum, f"{describe(signum)} at step {step}; {saved}") from e
+            raise TrainingInterrupted(signum, f"{describe(signum)} at step {step}; {saved}", orderly=True) from e
         finally:
             bar.close()
             try:
                 writer.close()
             finally:
-                ckpts.close()  # waits for the saves in flight
+                if not abandon:
+                    ckpts.close()  # waits for the saves in flight
     return state
 
 

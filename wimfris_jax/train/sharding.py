@@ -14,6 +14,10 @@ Multi-host (``maybe_initialize_distributed``), read before JAX touches any devic
     SLURM, Open MPI, GKE);
   * neither: single process, nothing is done.
 
+``WIMFRIS_HEARTBEAT_TIMEOUT`` (seconds, default :data:`HEARTBEAT_TIMEOUT_S`; JAX's own default is 100): how long the
+coordination service waits for a silent process before declaring it dead and stopping the others (JAX's abort,
+status 134); the bound on how long a run outlives a host that vanished without closing its connections.
+
 Each host then feeds its own slice of the global batch (``data_pipeline.loader.make_loader`` reads process
 ``jax.process_index()``'s slice of each batch of one global order, the same for any process count);
 :func:`shard_batch` assembles the global array from the per-host pieces.
@@ -31,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+HEARTBEAT_TIMEOUT_S = 30  # a dead process stops the others after this long at most (module docstring)
 DEFAULT_FSDP_MIN_SIZE = 2**18  # elements; smaller arrays stay replicated (gathering them costs more than it saves)
 
 _log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ def maybe_initialize_distributed(
     if auto is None:
         auto = env.get("WIMFRIS_DISTRIBUTED", "").lower() in ("auto", "1", "true")
     explicit = (coordinator_address, num_processes, process_id)
+    heartbeat = _env_int("WIMFRIS_HEARTBEAT_TIMEOUT") if env.get("WIMFRIS_HEARTBEAT_TIMEOUT") else HEARTBEAT_TIMEOUT_S
+    if heartbeat < 1:
+        raise ValueError(f"WIMFRIS_HEARTBEAT_TIMEOUT={heartbeat}: must be a positive number of seconds")
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
             raise ValueError(
@@ -63,9 +71,9 @@ def maybe_initialize_distributed(
                 f"got coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
                 f"process_id={process_id!r}"
             )
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat)
     elif auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     else:
         return False
     _log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
