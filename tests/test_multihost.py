@@ -20,19 +20,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 
+import jax
+import numpy as np
 import pytest
-from multihost import SMALL_MODEL, Processes, Result, sets
+from multihost import ROOT, SMALL_MODEL, Processes, Result, sets
 
-from wimfris_jax.train.checkpoint import committed_steps
+from wimfris_jax.train.checkpoint import committed_steps, load_variables
 from wimfris_jax.train.logging import read_metrics
 from wimfris_jax.train.sharding import HEARTBEAT_TIMEOUT_S
 
 pytestmark = pytest.mark.multihost
 
 LOST_BOUND_S = HEARTBEAT_TIMEOUT_S + 15  # the survivor of a killed process stops within this (measured: < 1 s)
+# FSDP (arrays of >= 4096 elements split over the 2 processes' devices): the layout no other process count has
 TRAIN = ("train.global_batch_size=4", "train.epochs=1", "train.steps_per_epoch=1000", "train.log_every=1",
-         "train.ckpt_every=0", "train.eval_every_epochs=0")  # fmt: skip
+         "train.ckpt_every=0", "train.eval_every_epochs=0", "train.fsdp=True", "train.fsdp_min_size=4096")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -107,6 +112,55 @@ def _stopped_together(run: Run, status: int, what: str) -> int:
 def test_sigterm_to_one_process_stops_both_at_one_step_with_one_checkpoint(sigterm_run):
     step = _stopped_together(sigterm_run, 143, "terminated (SIGTERM)")
     assert sigterm_run.checkpoints == [step]
+
+
+def _one_process(*argv: str) -> subprocess.CompletedProcess:
+    """``wimfris ARGV`` as one process with one CPU device (no jax.distributed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "wimfris_jax.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_run(sigterm_run, tmp_path_factory) -> tuple[str, list[dict]]:
+    """The same run as ``sigterm_run``'s first act in one process (one device), to its stop step: workdir, metrics."""
+    step = sigterm_run.checkpoints[0]
+    workdir = str(tmp_path_factory.mktemp("one_process") / "run")
+    train = [t for t in TRAIN if "steps_per_epoch" not in t] + [f"train.steps_per_epoch={step}"]
+    r = _one_process("train", "--config", "configs/tiny.py", "--workdir", workdir,
+                     *sets(*SMALL_MODEL, *train, "train.eval_max_examples=4"))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir, read_metrics(workdir)
+
+
+def test_two_processes_train_as_one(sigterm_run, one_process_run):
+    # one global order (data_pipeline/order.py): the same batches, so the same losses and the same weights
+    step = sigterm_run.checkpoints[0]
+    two = {r["step"]: r for r in sigterm_run.metrics if "train/loss" in r}
+    one = {r["step"]: r for r in one_process_run[1] if "train/loss" in r}
+    assert sorted(one) == list(range(1, step + 1))
+    for key in ("train/loss", "train/grad_norm", "train/lr"):
+        np.testing.assert_allclose([one[s][key] for s in one], [two[s][key] for s in one], rtol=2e-5, err_msg=key)
+    # the 2-process FSDP checkpoint restores here (one device, not its writers' layout) and equals the 1-process one
+    mine, at = load_variables(os.path.join(sigterm_run.workdir, "checkpoints", str(step)))
+    ref, ref_at = load_variables(one_process_run[0], "latest")
+    assert at == ref_at == step
+    flat, ref_flat = jax.tree_util.tree_leaves_with_path(mine), jax.tree_util.tree_leaves_with_path(ref)
+    assert [p for p, _ in flat] == [p for p, _ in ref_flat] and len(flat) > 100
+    for (path, a), (_, b) in zip(flat, ref_flat):
+        if "['key']['bias']" in jax.tree_util.keystr(path):  # softmax ignores it: its gradient is rounding noise,
+            continue  # which Adam scales to full steps of either sign
+        # within a fifth of one Adam step (lr 1e-3): rounding that flips a near-zero gradient's sign moves an
+        # element by up to lr; a different batch would move most of them
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_two_process_fsdp_checkpoint_evaluates_in_one_process(sigterm_run):
+    r = _one_process("eval", "--checkpoint", sigterm_run.workdir, "--step", str(sigterm_run.checkpoints[0]),
+                     "--split", "val", "--max-examples", "8", "--batch-size", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mIoU" in r.stdout and "Traceback" not in r.stderr
 
 
 def test_ctrl_c_to_every_process_saves_a_resumable_checkpoint(sigterm_run, sigint_run):
