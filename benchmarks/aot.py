@@ -81,7 +81,7 @@ def compile_train(config, devices, remat: str, batch: int, dtype: str, fsdp: boo
     tc = config.train
     tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
     init_fn = functools.partial(init_variables, model, random_batch(config, 1))
-    state, shardings = train_state_shapes(init_fn, tx, tuple(tc.trainable), 0, mesh, fsdp=fsdp)
+    state, shardings = train_state_shapes(init_fn, tx, model_lib.trainable_patterns(config), 0, mesh, fsdp=fsdp)
     loss_fn = functools.partial(model_lib.loss_fn, config.model)
     step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=dtype), shardings, mesh)
     row = {"what": "train step", "remat": remat, "resolved_remat": resolve_remat(remat, platform_of(mesh)),

@@ -22,10 +22,9 @@ import numpy as np
 from data_pipeline.images import ExampleError
 from data_pipeline.images import decode_image as decode_image  # re-exported: the decoders' old home
 from data_pipeline.images import load_image as load_image
+from data_pipeline.normalization import MEAN, STD
 from data_pipeline.tokenizer import clean, text_ids
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP, RGB
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 BORDER_VALUE = tuple(float(m) * 255.0 for m in (0.48145466, 0.4578275, 0.40821073))  # DETRIS warp border
 
 

@@ -14,6 +14,14 @@ such as DDP's ``module.`` is found and kept)::
     layers.{i}.downsample.{1,3}.*                   -> layers_{i}/downsample/{conv,norm}/*
     classifier.{norm,head}.*                        -> dropped (ImageNet head), listed in meta["dropped"]
 
+The repository's one-file ``vmamba.py`` (its SS2D with grouped ``Linear`` projections) saves two of these
+differently, and its load hook accepts either; so does this converter (the same parameters from both)::
+
+    layers.{i}.blocks.{j}.op.x_proj.weight   (K (R + 2N), Di)  -> .../op/x_proj_weight   (K, R + 2N, Di)
+    layers.{i}.blocks.{j}.op.dt_projs.weight (K Di, R)         -> .../op/dt_projs_weight (K, Di, R)
+
+with K = 4 scan directions.
+
 Linear weights saved from the channels-first variant (``Linear2d``, norm "ln2d") may be (out, in, 1, 1); they are
 squeezed. The sizes come from the shapes (depths, dims, d_state, ssm_ratio, dt_rank, conv size and bias, MLP
 ratio); checkpoints of other variants (a z gate: ``in_proj`` of 2 Di rows; patch embed v1; downsample v1/v2) are
@@ -44,12 +52,18 @@ from port_weights.protocol import (
 )
 from wimfris_jax.backbones.vmamba import VMamba
 
+SCANS = 4  # SS2D's scan directions (K)
 HEAD = [r"classifier\.(norm|head)\.(weight|bias)"]
 
 
 def linear(x: np.ndarray) -> np.ndarray:
     """torch Linear weight (out, in) or Linear2d's (out, in, 1, 1) -> flax Dense kernel (in, out)."""
     return np.ascontiguousarray(x.reshape(x.shape[:2]).T)
+
+
+def per_direction(x: np.ndarray) -> np.ndarray:
+    """A one-file ``vmamba.py`` grouped projection (K * rows, cols) -> the stacked (K, rows, cols), K = 4."""
+    return np.ascontiguousarray(x.reshape(SCANS, -1, x.shape[-1]))
 
 
 def rules(src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
@@ -73,6 +87,7 @@ def rules(src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
         Rule(blk + r"op\.(in_proj|out_proj|conv2d)\.bias", b + r"op/\3/bias"),
         Rule(blk + r"op\.conv2d\.weight", b + "op/conv2d/kernel", conv2d),
         Rule(blk + r"op\.(x_proj_weight|dt_projs_weight|dt_projs_bias|A_logs|Ds)", b + r"op/\3"),
+        Rule(blk + r"op\.(x_proj|dt_projs)\.weight", b + r"op/\3_weight", per_direction),
         Rule(blk + r"mlp\.(fc1|fc2)\.weight", b + r"mlp/\3/kernel", linear),
         Rule(blk + r"mlp\.(fc1|fc2)\.bias", b + r"mlp/\3/bias"),
         Rule(s + r"layers\.(\d+)\.downsample\.1\.weight", d + r"layers_\1/downsample/conv/kernel", conv2d),
@@ -107,7 +122,8 @@ def infer_config(state_dict: Mapping[str, Any], layout: Layout, source: str = "c
         if down is None or down[2:] != (3, 3):
             raise ConversionError(f"{source}: layers.{i}.downsample is not a 3x3 conv (downsample v3): {down}")
     op = "layers.0.blocks.0.op."
-    need = [op + k for k in ("in_proj.weight", "conv2d.weight", "A_logs", "dt_projs_weight", "out_norm.weight")]
+    dt_key = op + ("dt_projs_weight" if shape(op + "dt_projs.weight") is None else "dt_projs.weight")
+    need = [op + k for k in ("in_proj.weight", "conv2d.weight", "A_logs", "out_norm.weight")] + [dt_key]
     missing = [p + k for k in need + ["layers.0.blocks.0.mlp.fc1.weight"] if shape(k) is None]
     if missing:
         raise ConversionError(f"{source}: cannot size SS2D (forward type v05_noz), missing key(s) {missing}")
@@ -117,7 +133,7 @@ def infer_config(state_dict: Mapping[str, Any], layout: Layout, source: str = "c
             f"{source}: {p + op}in_proj.weight has {shape(op + 'in_proj.weight')[0]} rows for d_inner {d_inner}: "
             "a z-gated SS2D forward type; VMamba implements v05_noz only"
         )
-    rank = shape(op + "dt_projs_weight")[-1]
+    rank = shape(dt_key)[-1]
     ratio = d_inner / dims[0]
     return dict(
         depths=tuple(depths),

@@ -22,12 +22,6 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# the tiny WIMFRIS shrunk further (2 + 2 layers, 64x64 images): a few seconds a step on a loaded 2-core machine
-SMALL_MODEL = (
-    "model.vision.depth=2", "model.text.depth=2", "model.text_adapter.layers=(1,)", "model.vision_adapter.layers=(1,)",
-    "model.neck_taps=(0,1)", "model.image_size=64", "model.vision.pos_grid=8", "data.image_size=64",
-    "data.mask_size=32", "data.raw_size=64", "data.num_train=400",
-)  # fmt: skip
 
 
 def free_port() -> int:

@@ -22,8 +22,8 @@ REQUIRED = os.environ.get("WIMFRIS_AOT_REQUIRED") == "1"
 FAMILIES = {
     "configs/tiny.py": [((2, 261, 2, 32), 261), ((2, 17, 2, 32), 17)],  # DINOv2 (odd: padded) and CLIP text
     "configs/detris_tiny.py": [((2, 261, 2, 32), 261), ((2, 17, 2, 32), 17)],
-    "configs/tfanet_tiny.py": [((2, 17, 2, 32), 17)],  # the CLIP text tower (VMamba has no attention)
-    "configs/vipa_tiny.py": [((2, 10, 2, 32), 10)],  # BERT
+    "configs/tfanet_tiny.py:quick": [((2, 17, 2, 32), 17)],  # the CLIP text tower (VMamba has no attention)
+    "configs/vipa_tiny.py:quick": [((2, 10, 2, 32), 10)],  # BERT
 }
 
 

@@ -26,7 +26,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from multihost import ROOT, SMALL_MODEL, Processes, Result, sets
+from multihost import ROOT, Processes, Result, sets
+from small_model import SMALL_MODEL
 
 from wimfris_jax.train.checkpoint import committed_steps, load_variables
 from wimfris_jax.train.logging import read_metrics

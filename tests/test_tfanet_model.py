@@ -2,14 +2,16 @@
 same train / eval / predict commands as WIMFRIS (configs/tfanet_tiny.py, its quick variant)."""
 
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from family_cli import train_eval_predict
 
+from data_pipeline.normalization import MEAN, STD
 from wimfris_jax.config import ConfigError, load_config
-from wimfris_jax.model import build_model, loss_fn
+from wimfris_jax.model import build_model, loss_fn, trainable_patterns
 from wimfris_jax.summary import abstract_params, count_params
 from wimfris_jax.tfanet.ablations import TransformerCrossAttention
 
@@ -31,12 +33,34 @@ def test_tfanet_outputs_parameters_and_loss():
     assert np.isfinite(float(loss)) and float(loss) > 0 and set(aux) == {"loss_bce_dice"}
 
 
+def test_vmamba_stem_sees_imagenet_statistics():
+    # the pipeline normalises with CLIP's statistics; VMamba was pretrained with ImageNet's
+    config = load_config(QUICK)
+    model = build_model(config.model)
+    pixels = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 3))
+    images = (pixels - MEAN) / STD
+    ids = jnp.array([[3, 5, 7, 0, 0]], jnp.int32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, ids, train=False)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "embed":
+            seen.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, images, ids, train=False)
+    want = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(seen[0], want, atol=2e-6)
+
+
 def test_tfanet_b_summary_counts_beside_the_paper():
     config = load_config("configs/tfanet_b.py")
-    counts = count_params(abstract_params(config.model), tuple(config.train.trainable))
+    counts = count_params(abstract_params(config.model), trainable_patterns(config))
     assert 123e6 < counts["text backbone"] < 124e6  # CLIP ViT-L/14 text tower
     assert 87e6 < counts["vision backbone"] < 88e6  # VMamba-B v2 (0229) without its classifier
-    assert counts["trainable"] == counts["total"]  # everything trains, as ReMamber
+    # everything trains, as ReMamber, but CLIP's text_projection (768 x 768) and its 12 attention key biases
+    assert counts["total"] - counts["trainable"] == 768 * 768 + 12 * 768
     assert abs(counts["total"] / config.model.paper_params - 1) < 0.15  # 268.46M in the paper
 
 

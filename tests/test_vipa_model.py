@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from family_cli import train_eval_predict
 
+from data_pipeline.normalization import to_imagenet
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.synthetic import SyntheticRefer
 from wimfris_jax.cli import main
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.evaluate import data_settings
-from wimfris_jax.model import build_model, check_tokenizer, loss_fn
+from wimfris_jax.model import build_model, check_tokenizer, loss_fn, trainable_patterns
 from wimfris_jax.summary import abstract_params, count_params
-from wimfris_jax.vipa.model import to_imagenet
 
 QUICK = "configs/vipa_tiny.py:quick"
 IDS = jnp.array([[2, 5, 7, 9, 3, 0], [2, 6, 3, 0, 0, 0]], jnp.int32)  # [CLS] words [SEP] [PAD]...
@@ -111,10 +111,12 @@ def test_bad_switch_is_one_line(key, value, message):
 
 def test_vipa_b_summary_counts():
     config = load_config("configs/vipa_b.py")
-    counts = count_params(abstract_params(config.model), tuple(config.train.trainable))
+    counts = count_params(abstract_params(config.model), trainable_patterns(config))
     assert 86e6 < counts["vision backbone"] < 88e6  # Swin-B without its classifier
     assert 109e6 < counts["text backbone"] < 110e6  # BERT-base with its pooler
-    assert counts["VEG (VIPA)"] > 0 and counts["trainable"] == counts["total"]
+    # everything trains but what cannot learn (wimfris_jax.model.UNTRAINABLE): BERT's pooler (768 x 768 + 768) and
+    # the last stage's gate (2 x 1024 x 1024) the largest
+    assert counts["VEG (VIPA)"] > 0 and counts["total"] - counts["trainable"] == 2_720_512
 
 
 def test_wordpiece_ids_and_imagenet_statistics_reach_the_model():

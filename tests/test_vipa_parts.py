@@ -90,13 +90,18 @@ def test_veg_train_draws_noise_and_refine_switch():
     assert "refine_attn" in params["params"] and "refine_attn" not in p2
 
 
-def test_fusion_starts_as_identity_and_ignores_padding():
+def test_fusion_gate_learns_and_starts_near_identity_and_ignores_padding():
     v, words = rand(1, B, H, W, C), rand(2, B, L, 24)
     fusion = VisionLanguageFusion(dim=8, num_heads=2)
     params = fusion.init(jax.random.key(0), v, words, PAD)
     out, r = fusion.apply(params, v, words, PAD)
-    np.testing.assert_array_equal(out, v)  # zero-initialised gate: the pretrained stage passes unchanged
+    assert 0 < float(jnp.abs(out - v).max()) < 0.05 * float(jnp.abs(v).max())  # tanh of a small gate
     assert r.shape == v.shape and float(jnp.abs(r).max()) > 0
+    grads = jax.grad(lambda p: jnp.sum(fusion.apply(p, v, words, PAD)[0] ** 2))(params)["params"]
+    for name in ("gate_1", "gate_2"):  # both zero (the old init) gave each exactly zero gradient, forever
+        assert float(jnp.abs(grads[name]["kernel"]).max()) > 0, name
+    dwords = jax.grad(lambda w: jnp.sum(fusion.apply(params, v, w, PAD)[0] ** 2))(words)
+    assert float(jnp.abs(dwords[:, :4]).max()) > 0  # the sentence reaches the stage's output v'
     _, r2 = fusion.apply(params, v, words.at[0, 4:].set(0.0), PAD)
     np.testing.assert_allclose(r2, r, atol=1e-6)
     x = rand(3, 2, 7, 5)

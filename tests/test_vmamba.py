@@ -157,6 +157,16 @@ def test_cli_and_errors_name_every_key(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match=r"refused as unsafe.*_Config.*\['model'\]"):
         port.from_checkpoint(str(src))
 
+    one_file = {}  # the repository's one-file vmamba.py: grouped Linear projections, (K * rows, cols)
+    for k, v in sd.items():
+        if k.endswith(("op.x_proj_weight", "op.dt_projs_weight")):
+            k, v = k.replace("_weight", ".weight"), v.reshape(-1, v.shape[-1])
+        one_file[k] = v
+    assert "layers.0.blocks.0.op.x_proj.weight" in one_file and "layers.0.blocks.0.op.dt_projs.weight" in one_file
+    (params3, meta3), (ref3, ref_meta) = port.convert_state_dict(one_file), port.convert_state_dict(sd)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params3, ref3)
+    assert meta3["config"] == ref_meta["config"]
+
     gated = dict(sd)
     gated["layers.0.blocks.0.op.in_proj.weight"] = torch.zeros(64, 16)  # 2 * d_inner rows: a z gate
     with pytest.raises(ConversionError, match="v05_noz"):

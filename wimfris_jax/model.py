@@ -44,6 +44,7 @@ from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window
 from wimfris_jax.tfanet.model import build_tfanet, tfanet_loss_fn
+from wimfris_jax.train.state import DEFAULT_TRAINABLE
 from wimfris_jax.vipa.model import build_vipa, vipa_loss_fn
 
 # config.model keys of the schema before text_adapter / vision_adapter (wimfris_jax.config.upgrade_model_config)
@@ -310,6 +311,39 @@ FAMILIES: dict[str, tuple[Callable[..., nn.Module], Callable[..., tuple]]] = {
     "tfanet": (build_tfanet, tfanet_loss_fn),
     "vipa": (build_vipa, vipa_loss_fn),
 }
+
+
+# Parameters a family holds (to load checkpoints, or by construction) that no loss can train: their gradient is zero
+# or rounding noise, which Adam turns into steps of random sign. Never trained, whatever config.train.trainable says
+# (:func:`trainable_patterns`); tests/test_gradient_flow.py checks both sides. Reasons: docs/ARCHITECTURE.md
+# "Untrainable parameters".
+KEY_BIAS = r"(^|/)(key|k)/bias$"  # attention key biases: a softmax over the keys ignores a shift common to them all
+UNTRAINABLE: dict[str, tuple[str, ...]] = {
+    "wimfris": (
+        KEY_BIAS,
+        r"^neck/fusion\d/multihead_attn/(query|key)/",  # DETRIS's text gates attend to one key: its weight is 1
+        r"dense_branch\w*/conv/bias$",  # DETRIS's Dense Aligner: a conv bias before train-mode BatchNorm cancels
+    ),
+    "tfanet": (  # MLAM's keys are no softmax attention's (X-Norm, Q (K^T V)): its key biases learn
+        r"^text_encoder/.*/key/bias$",
+        r"^text_encoder/text_projection$",  # F_T is a mean pool of the words (docs/TFANET.md)
+    ),
+    "vipa": (
+        KEY_BIAS,
+        r"^text_encoder/pooler_dense/",  # the pooled [CLS] feeds no loss
+        r"^vision_fusion_\d/(query|value|out)/bias$",  # constant over the tokens, removed by an instance norm
+        r"^vision_fusion_3/gate_",  # the last stage's v' has no next stage (only r goes on, to the decoder)
+    ),
+}
+
+
+def trainable_patterns(config: Any) -> tuple[str, ...]:
+    """``config.train.trainable`` and, as ``"!regex"`` exclusions, the family's :data:`UNTRAINABLE` parameters:
+    the patterns every trainer passes to :func:`wimfris_jax.train.freeze.split`."""
+    model_config = config.get("model") or {}  # tests train toy models with no config.model
+    _family(model_config)
+    exclusions = tuple(f"!{p}" for p in UNTRAINABLE[model_config.get("family", "wimfris")])
+    return tuple(config.train.get("trainable", DEFAULT_TRAINABLE)) + exclusions
 
 
 def _family(model_config: Any) -> tuple[Callable[..., nn.Module], Callable[..., tuple]]:

@@ -22,7 +22,7 @@ from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
 from wimfris_jax.load import expected_variables
-from wimfris_jax.model import build_model, vision_fields
+from wimfris_jax.model import build_model, trainable_patterns, vision_fields
 from wimfris_jax.train.freeze import path_selected
 
 GROUPS = (
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     m = config.model
-    counts = count_params(abstract_params(m), tuple(config.train.trainable))
+    counts = count_params(abstract_params(m), trainable_patterns(config))
     extra = source_only_count(m)
     if extra:
         counts["total as in the checkpoint"] = counts["total"] + extra

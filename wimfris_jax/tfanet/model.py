@@ -1,7 +1,7 @@
 """The TFANet network (Lu et al., Fig. 2): CLIP text tower, VMamba with an alignment unit after every stage, WFDM.
 
     ids (B, L) --CLIP text tower--> words F_W (B, L, Ct), sentence feature (B, Ct)
-    images (B, S, S, 3) --VMamba embed--> x (B, S/4, S/4, d0)
+    images (B, S, S, 3) CLIP-normalised --ImageNet statistics, VMamba embed--> x (B, S/4, S/4, d0)
     for stage i = 0..3 (eqs. 1-3):
         F_V_i      = VSS_i(x)                                      (B, h_i, w_i, d_i), h_i = S / 2^(i+2)
         F_i, F_LV_i = delta_i(F_V_i, F_W)                          MLAM -> fusion block -> CFSM (TFANetLevel)
@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from data_pipeline.normalization import to_imagenet
 from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
 from wimfris_jax.config import ConfigError, choice, expand_preset
@@ -68,7 +69,7 @@ class TFANet(nn.Module):
         words, state = text["last_hidden_state"], text["text_embeds"]
 
         vision, n = self.image_encoder, len(self.image_encoder.depths)
-        x = vision.embed(images)
+        x = vision.embed(to_imagenet(images))  # VMamba was pretrained on ImageNet statistics
         feats, langs = [], []
         for i in range(n):
             v = vision.blocks(i, x)

@@ -51,7 +51,7 @@ from wimfris_jax.train.hosts import StopAgreement, lost_process_error
 from wimfris_jax.train.logging import MetricWriter
 from wimfris_jax.train.optim import make_optimizer
 from wimfris_jax.train.signals import TrainingInterrupted, describe
-from wimfris_jax.train.state import DEFAULT_TRAINABLE, TrainState, abstract_state, init_train_state, init_variables
+from wimfris_jax.train.state import TrainState, abstract_state, init_train_state, init_variables
 from wimfris_jax.train.step import jit_train_step, make_train_step
 from wimfris_jax.train.workdir import WorkdirWriteError, WriteFailures, hold_workdir, write_failure
 
@@ -118,7 +118,7 @@ def train(
                     sample = {k: np.asarray(v)[None] for k, v in transform(source[0], np.random.default_rng(0)).items()}
                     init_fn = functools.partial(init_variables, model, sample)
                 state, shardings = init_train_state(
-                    init_fn, tx, tuple(tc.get("trainable", DEFAULT_TRAINABLE)), int(config.seed), mesh,
+                    init_fn, tx, model_lib.trainable_patterns(config), int(config.seed), mesh,
                     fsdp=bool(tc.get("fsdp", False)),
                     fsdp_min_size=int(tc.get("fsdp_min_size", sharding.DEFAULT_FSDP_MIN_SIZE)),
                 )  # fmt: skip

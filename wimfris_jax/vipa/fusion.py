@@ -4,9 +4,12 @@ Vision side, after each Swin stage (CrossVLT ``FusionLayer`` + its gated FFN):
 
     q = InstanceNorm(W_q v)            keys / values = W_k l, W_v l  (the words; padded words masked)
     r = GELU(W_p(InstanceNorm(W_o attn(q, k, v)) + v))                 (B, h, w, C)      "x_residual"
-    v' = v + tanh(W_2 relu(W_1 r)) * r                                  gate W_1, W_2 zero: v' = v at init
+    v' = v + tanh(W_2 relu(W_1 r)) * r                                  gate W_1, W_2 ~ normal(0.02)
 
-so an untrained fusion leaves the pretrained Swin unchanged; ``r`` (normed per stage) is the stage's output to the
+The gate is initialised as CrossVLT effectively does (it builds zeros, then its ``_init_weights`` re-initialises
+every Linear with trunc_normal(0.02)): with both matrices zero, neither ever gets a gradient (each one's gradient
+goes through the other) and the sentence never reaches the Swin stages. Small weights keep an untrained fusion
+close to the pretrained Swin (tanh of a small gate). ``r`` (normed per stage) is the stage's output to the
 decoder, ``v'`` continues into the stage's patch merging.
 
 Language side, before each BERT stage but the first (CrossVLT ``BertStage.crossattention`` + FFN), post-norm
@@ -52,7 +55,7 @@ def default_fusion_heads(dim: int) -> int:
 
 
 class VisionLanguageFusion(nn.Module):
-    """CrossVLT's vision-side fusion with its zero-initialised tanh gate: (v, words) -> (v', r), both (B, h, w, C).
+    """CrossVLT's vision-side fusion with its tanh gate: (v, words) -> (v', r), both (B, h, w, C).
 
     Attributes: dim (attention width; None = C), num_heads (None = max(1, dim // 64) as CrossVLT), dtype.
     """
@@ -77,8 +80,8 @@ class VisionLanguageFusion(nn.Module):
         out = nn.dot_product_attention(q, k, val, mask=mask).reshape(b, h * w, dim)
         r = instance_norm(dense(c, "out")(out)) + tokens
         r = gelu_exact(dense(c, "project")(r))
-        gate = dense(c, "gate_1", use_bias=False, kernel_init=nn.initializers.zeros)(r)
-        gate = jnp.tanh(dense(c, "gate_2", use_bias=False, kernel_init=nn.initializers.zeros)(jax.nn.relu(gate)))
+        gate = dense(c, "gate_1", use_bias=False, kernel_init=NORMAL)(r)
+        gate = jnp.tanh(dense(c, "gate_2", use_bias=False, kernel_init=NORMAL)(jax.nn.relu(gate)))
         return (tokens + gate * r).reshape(b, h, w, c), r.reshape(b, h, w, c)
 
 

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.normalization import to_imagenet
 from wimfris_jax.backbones.bert import Bert, bert_config
 from wimfris_jax.backbones.swin import Swin, swin_config
 from wimfris_jax.backbones.vit import layer_norm
@@ -42,18 +43,6 @@ from wimfris_jax.vipa.veg import CUES, VEG
 
 FUSIONS = ("early", "late", "none")
 KEY_VALUES = ("ve", "advanced_le", "vanilla_le")
-# data_pipeline.preprocess normalises with CLIP's statistics; Swin was pretrained with ImageNet's
-CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
-IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-def to_imagenet(images: jnp.ndarray) -> jnp.ndarray:
-    """(x - m_clip) / s_clip -> (x - m_in) / s_in, elementwise per channel (B, S, S, 3)."""
-    scale = (CLIP_STD / IMAGENET_STD).astype(np.float32)
-    shift = ((CLIP_MEAN - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-    return images * scale.astype(images.dtype) + shift.astype(images.dtype)
-
-
 class VIPA(nn.Module):
     """VIPA; build it with :func:`build_vipa`.
 
