@@ -110,7 +110,8 @@ def compile_step(args, remat: str):
     t0 = time.perf_counter()
     init_fn = functools.partial(init_variables, model, {k: v[:1] for k, v in batch.items()})
     make_state = train_state_shapes if args.compile_only else init_train_state  # shapes: nothing allocated
-    state, shardings = make_state(init_fn, tx, tuple(tc.trainable), 0, mesh, fsdp=args.fsdp, fsdp_min_size=2**18)
+    trainable = model_lib.trainable_patterns(config)
+    state, shardings = make_state(init_fn, tx, trainable, 0, mesh, fsdp=args.fsdp, fsdp_min_size=2**18)
     jax.block_until_ready(state)
     t_init = time.perf_counter() - t0
     step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=dtype), shardings, mesh)

@@ -219,7 +219,7 @@ def _train_row(args, name: str, attention: str) -> dict:
     batch = random_batch(config, gbs)
     tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
     init_fn = functools.partial(init_variables, model, {k: v[:1] for k, v in batch.items()})
-    state, shardings = init_train_state(init_fn, tx, tuple(tc.trainable), 0, mesh)
+    state, shardings = init_train_state(init_fn, tx, model_lib.trainable_patterns(config), 0, mesh)
     loss_fn = functools.partial(model_lib.loss_fn, config.model)
     step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=args.dtype), shardings, mesh)
     gb = sharding.shard_batch(batch, mesh)
