@@ -273,6 +273,7 @@ def test_config_json_checks_and_presets():
 
 def test_cli_writes_loadable_params(pretraining, ref, tmp_path):
     from port_weights.__main__ import main
+    from wimfris_jax.backbones import load_backbone
     from wimfris_jax.io import load_params
 
     pretraining.save_pretrained(tmp_path / "hf")  # BertForPreTraining folder with config.json
@@ -280,6 +281,9 @@ def test_cli_writes_loadable_params(pretraining, ref, tmp_path):
     params, meta = load_params(tmp_path / "out.msgpack")
     assert meta["family"] == "bert" and meta["layout"] == "hf-heads" and meta["config"]["num_heads"] == 4
     assert same_params(params, ref[0])
+    net, variables = load_backbone(tmp_path / "out.msgpack")  # the converted file on its own
+    ids = token_ids()
+    assert max(errors(net.apply(variables, jnp.asarray(ids)), hf_outputs(pretraining.bert, ids, None)).values()) <= 1e-5
     assert main(["bert", str(tmp_path / "nothing.bin"), str(tmp_path / "x.msgpack")]) == 1
 
 

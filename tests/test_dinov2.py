@@ -262,7 +262,8 @@ def test_detris_prefix_skips_the_rest_of_the_model():
 
 def test_cli_writes_loadable_params(tmp_path):
     from port_weights.__main__ import main
-    from wimfris_jax.io import flatten, load_params
+    from wimfris_jax.backbones import load_backbone
+    from wimfris_jax.io import ParamsFileError, flatten, load_params, save_params
 
     model = hf_model("reg")
     model.save_pretrained(tmp_path / "hf")
@@ -271,6 +272,15 @@ def test_cli_writes_loadable_params(tmp_path):
     ref, _ = port.from_checkpoint(str(tmp_path / "hf"))
     assert meta["config"]["num_heads"] == 2  # from config.json
     assert all(np.array_equal(flatten(params)[k], v) for k, v in flatten(ref).items())
+    net, variables = load_backbone(tmp_path / "out.msgpack")  # the converted file on its own
+    x = np.random.default_rng(0).normal(size=(1, 28, 42, 3)).astype(np.float32)
+    with torch.no_grad():
+        expect = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    assert max_abs(net.apply(variables, x)["last_hidden_state"], expect) <= 1e-5
+    detris = tmp_path / "detris.msgpack"
+    save_params(detris, params, {"family": "detris", "config": {}})
+    with pytest.raises(ParamsFileError, match="detris.msgpack: written by the 'detris' converter, not a backbone"):
+        load_backbone(detris)
     assert main(["dinov2", str(tmp_path / "nothing.pth"), str(tmp_path / "x.msgpack")]) == 1
 
 

@@ -26,6 +26,7 @@ from torch_ref.swin import hf_outputs, hf_swin, to_microsoft
 from port_weights import swin as port
 from port_weights.__main__ import main as port_main
 from port_weights.common import ConversionError
+from wimfris_jax.backbones import load_backbone
 from wimfris_jax.backbones.swin import Swin, relative_position_index, shift_mask, swin_config, window_and_shift
 from wimfris_jax.io import flatten, load_params
 
@@ -38,8 +39,10 @@ def _images(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _errors(ours: dict, stages: list, last: np.ndarray) -> list[float]:
-    assert [o.shape for o in ours["stages"]] == [s.shape for s in stages]
-    return [max_abs(a, b) for a, b in zip(ours["stages"], stages)] + [max_abs(ours["last_hidden_state"], last)]
+    assert len(ours["hidden_states"]) == len(stages) + 1  # the patch embedding, then each stage
+    assert [o.shape for o in ours["hidden_states"][1:]] == [s.shape for s in stages]
+    errs = [max_abs(a, b) for a, b in zip(ours["hidden_states"][1:], stages)]
+    return errs + [max_abs(ours["last_hidden_state"], last)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_tiny_parity_fp32_and_fp64():
 
     stages, last = hf_outputs(model, x)
     ours = apply(params, x)
-    assert [o.shape[1:3] for o in ours["stages"]] == grids
+    assert [o.shape[1:3] for o in ours["hidden_states"][1:]] == grids
     errs = _errors(ours, stages, last)
     assert max(errs) <= 1e-5, f"float32 max-abs per stage and final norm: {errs}"
 
@@ -189,6 +192,9 @@ def test_cli(small, tmp_path):
     params, meta = load_params(str(out))
     assert meta["family"] == "swin" and meta["layout"] == "hf-v4" and list(meta["config"]["depths"]) == [2, 2]
     assert params["layers_1"]["blocks_1"]["attn"]["relative_position_bias_table"].shape == (49, 2)
+    net, variables = load_backbone(out)  # the converted file on its own
+    x = _images(1, 40, 36, seed=3)
+    assert max(_errors(net.apply(variables, x), *hf_outputs(model.swin, x))) <= 1e-5
     assert port_main(["swin", str(tmp_path / "missing"), str(out)]) == 1
 
 
@@ -202,18 +208,18 @@ def test_stage_methods_drop_path_remat_and_bf16(small):
     out = net.apply(v, x)
     h = net.apply(v, x, method=Swin.embed)
     h = net.apply(v, 0, h, method=Swin.blocks)
-    np.testing.assert_allclose(h, out["stages"][0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(h, out["hidden_states"][1], atol=1e-6, rtol=0)
     h = net.apply(v, 1, net.apply(v, 0, h, method=Swin.downsample), method=Swin.blocks)
-    np.testing.assert_allclose(h, out["stages"][1], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(h, out["hidden_states"][2], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="expects"):
-        net.apply(v, 1, out["stages"][0], method=Swin.blocks)
+        net.apply(v, 1, out["hidden_states"][1], method=Swin.blocks)
 
     # stochastic depth: per sample, only with train and the dropout rng; the last block drops at the full rate
     dp = Swin(**cfg, drop_path_rate=0.5)
-    assert max_abs(dp.apply(v, x)["stages"][1], out["stages"][1]) == 0.0
+    assert max_abs(dp.apply(v, x)["hidden_states"][2], out["hidden_states"][2]) == 0.0
     rngs = {"dropout": jax.random.key(1)}
-    a, b = (dp.apply(v, x, train=True, rngs=rngs)["stages"][1] for _ in range(2))
-    assert max_abs(a, b) == 0.0 and max_abs(a, out["stages"][1]) > 1e-2
+    a, b = (dp.apply(v, x, train=True, rngs=rngs)["hidden_states"][2] for _ in range(2))
+    assert max_abs(a, b) == 0.0 and max_abs(a, out["hidden_states"][2]) > 1e-2
     from wimfris_jax.backbones.swin import drop_path
 
     y = np.asarray(drop_path(jnp.ones((4000, 3, 2)), 0.25, jax.random.key(0)))

@@ -21,7 +21,7 @@ from torch_ref.backbones import max_abs, perturb
 from port_weights import vmamba as port
 from port_weights.__main__ import main as port_main
 from port_weights.common import ConversionError, convert
-from wimfris_jax.backbones import VMamba, vmamba_config
+from wimfris_jax.backbones import VMamba, load_backbone, vmamba_config
 from wimfris_jax.io import load_params
 from wimfris_jax.ssm import SS2D, cross_merge, cross_scan
 
@@ -91,7 +91,9 @@ def test_vmamba_tiny_parity_through_the_converter(tmp_path):
     x = _rand(1, 64, 48, 3)
     with torch.no_grad():
         outs_ref = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-    outs = jax.jit(lambda v: VMamba(**meta["config"]).apply({"params": params}, v))(x)
+    out = jax.jit(lambda v: VMamba(**meta["config"]).apply({"params": params}, v))(x)
+    outs = out["hidden_states"][1:]
+    assert out["hidden_states"][0].shape == (1, 16, 12, 96) and np.array_equal(out["last_hidden_state"], outs[-1])
     assert [o.shape for o in outs] == [(1, 16, 12, 96), (1, 8, 6, 192), (1, 4, 3, 384), (1, 2, 2, 768)]
     errs = [max_abs(a, b) for a, b in zip(outs, outs_ref)]
     assert max(errs) <= 1e-5, errs
@@ -134,6 +136,14 @@ def test_cli_and_errors_name_every_key(tmp_path, monkeypatch):
     params, meta = load_params(str(out))
     assert params["layers_3"]["blocks_0"]["op"]["A_logs"].shape == (1024, 1) and meta["family"] == "vmamba"
     assert list(meta["config"]["dims"]) == [16, 32, 64, 128] and list(meta["config"]["depths"]) == [1, 1, 1, 1]
+    net, variables = load_backbone(out, scan_impl="sequential")  # the converted file on its own, as the official
+    x = _rand(1, 32, 32, 3)
+    with torch.no_grad():
+        expect = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+    got = net.apply(variables, x)["hidden_states"][1:]
+    assert max(max_abs(a, b) for a, b in zip(got, expect)) <= 1e-5
+    with pytest.raises(TypeError, match="no field"):
+        load_backbone(out, window_size=7)
 
     bad = dict(sd)
     del bad["layers.1.blocks.0.op.Ds"], bad["patch_embed.2.bias"]
@@ -182,12 +192,13 @@ def test_remat_keeps_names_and_gradients_and_bf16_runs():
 
     def grads(mode):
         net = VMamba(**cfg, remat_mode=mode)
-        return jax.jit(jax.grad(lambda p: sum(jnp.sum(o**2) for o in net.apply({"params": p}, x))))(params)
+        loss = lambda p: sum(jnp.sum(o**2) for o in net.apply({"params": p}, x)["hidden_states"])  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
 
     g0, g1 = grads("none"), grads("block")
     assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
     assert max(max_abs(a, b) for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1))) < 1e-4
-    outs = jax.jit(lambda p: VMamba(**cfg, dtype=jnp.bfloat16).apply({"params": p}, x))(params)
+    outs = jax.jit(lambda p: VMamba(**cfg, dtype=jnp.bfloat16).apply({"params": p}, x)["hidden_states"])(params)
     assert all(o.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(o))) for o in outs)
 
 
@@ -202,7 +213,7 @@ def test_vmamba_base_parity_480():
     torch.set_num_threads(2)
     with torch.no_grad():
         outs_ref = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
-    outs = jax.jit(lambda v: VMamba(**cfg).apply({"params": params}, v))(x)
+    outs = jax.jit(lambda v: VMamba(**cfg).apply({"params": params}, v)["hidden_states"][1:])(x)
     assert [o.shape[1:3] for o in outs] == [(120, 120), (60, 60), (30, 30), (15, 15)]
     errs = [max_abs(a, b) for a, b in zip(outs, outs_ref)]
     assert max(errs) <= 1e-4, errs

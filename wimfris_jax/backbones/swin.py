@@ -296,15 +296,17 @@ class Swin(nn.Module):
         return self.layers[i].run_downsample(x)
 
     def __call__(self, images: Array, train: bool = False) -> dict[str, Any]:
-        """images (B, H, W, 3) -> {"stages": tuple of the stage outputs before merging, "last_hidden_state"}."""
+        """images (B, H, W, 3) -> {"hidden_states": the patch embedding then each stage's output before merging
+        (1 + stages arrays (B, h_i, w_i, C_i)), "last_hidden_state": the final LayerNorm of the last stage's output}
+        (the backbones' one output convention, :mod:`wimfris_jax.backbones`)."""
         x = self.embed(images)
-        outs = []
+        hidden = [x]
         for i in range(len(self.depths)):
             x = self.blocks(i, x, train)
-            outs.append(x)
+            hidden.append(x)
             if i < len(self.depths) - 1:
                 x = self.downsample(i, x)
-        return {"stages": tuple(outs), "last_hidden_state": self.layernorm(x)}
+        return {"hidden_states": tuple(hidden), "last_hidden_state": self.layernorm(x)}
 
     def _check(self, i: int, x: Array, n: int) -> None:
         if not 0 <= i < n:

@@ -241,16 +241,18 @@ class VMamba(nn.Module):
         self._check(i, x, len(self.depths) - 1)
         return self.layers[i].run_downsample(x)
 
-    def __call__(self, images: Array) -> list[Array]:
-        """images (B, H, W, 3) -> the stage outputs, each before its downsample."""
+    def __call__(self, images: Array) -> dict[str, Any]:
+        """images (B, H, W, 3) -> {"hidden_states": the stem's output then each stage's, before its downsample
+        (1 + stages arrays (B, h_i, w_i, dims[i])), "last_hidden_state": the last stage's output} (the backbones'
+        one output convention, :mod:`wimfris_jax.backbones`)."""
         x = self.embed(images)
-        outs = []
+        hidden = [x]
         for i in range(len(self.depths)):
             x = self.blocks(i, x)
-            outs.append(x)
+            hidden.append(x)
             if i < len(self.depths) - 1:
                 x = self.downsample(i, x)
-        return outs
+        return {"hidden_states": tuple(hidden), "last_hidden_state": x}
 
     def _check(self, i: int, x: Array, n: int) -> None:
         if not 0 <= i < n:
