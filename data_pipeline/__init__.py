@@ -13,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "tokenize": "tokenizer",
-    "text_ids": "tokenizer",
+    "text_ids": "tokenizers",
     "wordpiece_tokenize": "wordpiece",
     "preprocess_train": "preprocess",
     "preprocess_eval": "preprocess",
@@ -23,8 +23,8 @@ _EXPORTS = {
     "decode_image": "images",
     "image_size": "images",
     "max_image_pixels": "images",
-    "MEAN": "normalization",
-    "STD": "normalization",
+    "MEAN": "wimfris_jax.normalization",  # the model's normalisation statistics: one home, below the data pipeline
+    "STD": "wimfris_jax.normalization",
     "ExampleError": "images",
     "ImageTooLargeError": "images",
     "SyntheticRefer": "synthetic",
@@ -42,5 +42,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"data_pipeline.{module}"), name)
     raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

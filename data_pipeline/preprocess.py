@@ -22,8 +22,9 @@ import numpy as np
 from data_pipeline.images import ExampleError
 from data_pipeline.images import decode_image as decode_image  # re-exported: the decoders' old home
 from data_pipeline.images import load_image as load_image
-from data_pipeline.normalization import MEAN, STD
-from data_pipeline.tokenizer import clean, text_ids
+from data_pipeline.tokenizer import clean
+from data_pipeline.tokenizers import DEFAULT_TOKENIZER, text_ids
+from wimfris_jax.normalization import MEAN, STD
 
 BORDER_VALUE = tuple(float(m) * 255.0 for m in (0.48145466, 0.4578275, 0.40821073))  # DETRIS warp border
 
@@ -122,7 +123,7 @@ def preprocess_train(
     word_len: int = 17,
     mask_size: int = 128,
     rng: np.random.Generator | None = None,
-    tokenizer: str = "clip",
+    tokenizer: str = DEFAULT_TOKENIZER,
 ) -> dict[str, np.ndarray]:
     """Raw example -> {"image": float32 (S, S, 3), "ids": int32 (L,), "mask": float32 (m, m) soft mask}.
 
@@ -141,7 +142,7 @@ def preprocess_eval(
     image_size: int = 448,
     word_len: int = 17,
     max_size: int = 640,
-    tokenizer: str = "clip",
+    tokenizer: str = DEFAULT_TOKENIZER,
 ) -> dict[str, np.ndarray]:
     """Raw example -> fixed-shape eval record.
 

@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from port_weights.common import UpcastWarning
-from wimfris_jax.errors import UserError
+from wimfris_jax.errors import describe, is_user_error
 from wimfris_jax.io import flatten, save_params
 
 PROG = "python -m port_weights"
@@ -47,19 +47,6 @@ def check_output(out: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder", out)
     if not os.access(folder, os.W_OK):
         raise PermissionError(errno.EACCES, f"its folder {folder} is not writable", out)
-
-
-def is_user_error(error: BaseException) -> bool:
-    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback)."""
-    return isinstance(error, UserError) or (isinstance(error, OSError) and error.filename is not None)
-
-
-def describe(error: BaseException) -> str:
-    """The message of a user error: its text, or ``FILE: reason`` for an ``OSError``."""
-    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
-        files = ", ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
-        return f"{files}: {error.strerror or error}"
-    return str(error)
 
 
 def convert(family: str, src: str, out: str) -> str:

@@ -36,8 +36,8 @@ from port_weights.common import (
 )
 from port_weights.protocol import Family, Layout, convert_family, everything
 from wimfris_jax.backbones.dinov2 import dinov2_config
+from wimfris_jax.checkpoints import expected_variables
 from wimfris_jax.config import load_config as load_config_file
-from wimfris_jax.load import expected_variables
 from wimfris_jax.model import build_model
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).

@@ -13,15 +13,22 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 try:
     from re import _parser as sre_parse
 except ImportError:  # Python 3.10
     import sre_parse  # type: ignore[no-redef]
 
-if TYPE_CHECKING:
-    from port_weights.common import Rule
+
+
+class Rule(Protocol):
+    """What this module reads of a :class:`port_weights.common.Rule` (named structurally: common imports this
+    module, so this module does not import common)."""
+
+    pattern: str
+    target: str
+    transform: Any
 
 _REF = re.compile(r"\\(?:g<(\w+)>|(\d+))")
 _LIMIT = 16  # candidates written out per rule

@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import Mesh
 from toy_model import run_toy_training, toy_config
 
+from wimfris_jax.checkpoints.runs import load_variables
 from wimfris_jax.io import flatten
-from wimfris_jax.train.checkpoint import load_variables
 from wimfris_jax.train.logging import read_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -18,9 +18,9 @@ from PIL import Image
 from toy_model import run_toy_training, toy_config
 
 from wimfris_jax import cli
+from wimfris_jax.checkpoints import CheckpointError, CheckpointFallbackWarning, CheckpointMismatch, CheckpointNotFound
+from wimfris_jax.checkpoints.runs import committed_steps, load_variables
 from wimfris_jax.io import flatten
-from wimfris_jax.load import CheckpointError, CheckpointFallbackWarning, CheckpointMismatch, CheckpointNotFound
-from wimfris_jax.train.checkpoint import committed_steps, load_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -202,7 +202,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact(toy_run, tmp_path):
 def test_a_checkpoint_deleted_while_read_is_not_damage(toy_run, tmp_path, monkeypatch):
     """The run deletes its old checkpoints (keep-last, a new best) while a reader may be reading one: the reader
     lists the run again and reads what is there now, without a warning."""
-    from wimfris_jax.train import checkpoint_reads
+    from wimfris_jax.checkpoints import runs as checkpoint_reads
 
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)

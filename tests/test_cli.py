@@ -13,6 +13,7 @@ import pytest
 
 from wimfris_jax import cli
 from wimfris_jax import config as config_lib
+from wimfris_jax.errors import describe, is_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,9 +138,9 @@ def test_train_init_loads_pretrained_backbone(tmp_path, capsys):
     import numpy as np
 
     from wimfris_jax.backbones.clip_text import ClipText
+    from wimfris_jax.checkpoints import read_checkpoint
     from wimfris_jax.config import load_config
     from wimfris_jax.io import flatten, save_params
-    from wimfris_jax.load import read_checkpoint
 
     tiny = os.path.join(ROOT, "configs", "tiny.py")
     text_fields = dict(load_config(tiny).model.text)
@@ -280,9 +281,9 @@ def test_debug_and_internal_errors_keep_their_traceback(monkeypatch, capsys, tmp
     """Bad input is classified by exception type; ``--debug`` re-raises it; anything else (a bug) is re-raised."""
     from wimfris_jax.predict import PredictError
 
-    assert cli._expected(PermissionError(13, "Permission denied", "/x")) and cli._expected(PredictError("x"))
-    assert cli._message(IsADirectoryError(21, "Is a directory", "/x/out")) == "/x/out: Is a directory"
-    assert not cli._expected(OSError("device lost")) and not cli._expected(RuntimeError("bug"))
+    assert is_user_error(PermissionError(13, "Permission denied", "/x")) and is_user_error(PredictError("x"))
+    assert describe(IsADirectoryError(21, "Is a directory", "/x/out")) == "/x/out: Is a directory"
+    assert not is_user_error(OSError("device lost")) and not is_user_error(RuntimeError("bug"))
     args = ["predict", "--checkpoint", str(tmp_path / "none"), "--image", os.path.join(ROOT, "README.md"), "--text",
             "a cat", "--out", str(tmp_path / "out")]  # fmt: skip
     code, err = _main(capsys, *args)

@@ -196,7 +196,7 @@ def test_tiny_converter_reports_every_bad_key(tiny):
 
 def test_load_model_names_mismatching_params(tiny):
     from wimfris_jax import load_model
-    from wimfris_jax.load import CheckpointMismatch
+    from wimfris_jax.checkpoints import CheckpointMismatch
 
     out = tiny["folder"] / "tiny.msgpack"
     config = tiny_config()

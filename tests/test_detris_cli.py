@@ -45,8 +45,8 @@ def detris_files(tmp_path_factory):
     """A fake RefCOCO, a toy DETRIS config file and a whole-model checkpoint with moved running statistics."""
     from fake_refcoco import write_fake_refcoco
 
+    from wimfris_jax.checkpoints import expected_variables
     from wimfris_jax.config import load_config
-    from wimfris_jax.load import expected_variables
     from wimfris_jax.model import build_model
 
     folder = tmp_path_factory.mktemp("detris_cli")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wimfris_jax.io import flatten
-from wimfris_jax.train.freeze import merge, split
+from wimfris_jax.paths import merge, split
 
 PARAMS = {
     "image_encoder": {"blocks_0": {"kernel": jnp.ones((2, 2))}},

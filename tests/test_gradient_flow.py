@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from small_model import small_tiny_config
 
+from wimfris_jax import paths
 from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
 from wimfris_jax.model import build_model, loss_fn, trainable_patterns
-from wimfris_jax.train import freeze
 
 CONFIGS = ("small", "configs/detris_tiny.py", "configs/tfanet_tiny.py:quick", "configs/vipa_tiny.py:quick")
 
@@ -40,20 +40,20 @@ def test_every_trainable_parameter_gets_a_gradient(path):
     model = build_model(config.model)
     images, ids = _batch(config, jax.random.key(1))
     variables = jax.jit(lambda k: model.init(k, images, ids, train=False))(jax.random.key(0))
-    selected, frozen = freeze.split(variables["params"], tuple(config.train.trainable))  # exclusions left in
+    selected, frozen = paths.split(variables["params"], tuple(config.train.trainable))  # exclusions left in
     extra = {k: v for k, v in variables.items() if k != "params"}
     logits = jax.eval_shape(lambda v: model.apply(v, images, ids, train=False), variables)
     logits = logits["logits"] if isinstance(logits, dict) else logits
     mask = (jax.random.uniform(jax.random.key(2), logits.shape) > 0.5).astype(jnp.float32)
 
     def loss(params):
-        out, _ = model.apply({**extra, "params": freeze.merge(params, frozen)}, images, ids, train=True,
+        out, _ = model.apply({**extra, "params": paths.merge(params, frozen)}, images, ids, train=True,
                              rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])  # fmt: skip
         return loss_fn(config.model, out, mask)[0]
 
     grads = {k: float(np.abs(np.asarray(g)).max()) for k, g in flatten(jax.jit(jax.grad(loss))(selected)).items()}
     patterns = trainable_patterns(config)
-    trains = {k for k in grads if freeze.path_selected(k, patterns)}
+    trains = {k for k in grads if paths.path_selected(k, patterns)}
     assert len(trains) > 10
     dead = sorted(k for k in trains if grads[k] == 0.0)
     assert not dead, f"{len(dead)} of {len(trains)} trainable leaves get no gradient: {dead}"

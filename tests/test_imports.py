@@ -1,6 +1,7 @@
-"""Import hygiene of our packages: no import cycle among module-level imports, no private name imported from another
-module, and ``import wimfris_jax`` (the inference entry point) never loads torch. The graph is read from the
-source with ``ast``, so a cycle is found even where import order happens to hide it at run time."""
+"""Import hygiene of our packages: no import cycle among all imports (module-level, lazy in a function, under
+``TYPE_CHECKING``), the layering rules of docs/ARCHITECTURE.md "Layers", no private name imported from another
+module, and ``import wimfris_jax`` (the inference entry point) never loads torch. The graph is read from the source
+with ``ast``, so a cycle is found even where import order or laziness hides it at run time."""
 
 import ast
 import importlib.util
@@ -68,17 +69,61 @@ def _targets(node: ast.stmt, module: str, is_package: bool, known: dict[str, str
     return out
 
 
-def import_graph(known: dict[str, str]) -> dict[str, set[str]]:
-    """{module: modules of ``known`` it imports at module level}."""
+def _every_import(tree: ast.Module):
+    """Every import statement of a file: module-level, in functions (lazy) and under ``if TYPE_CHECKING:``."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def import_graph(known: dict[str, str], lazy: bool = True) -> dict[str, set[str]]:
+    """{module: modules of ``known`` it imports}: every import statement, or (``lazy=False``) the module-level
+    ones only, those that run when the module is imported."""
     graph = {}
     for module, path in known.items():
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
         is_package = path.endswith("__init__.py")
-        graph[module] = {
-            t for node in _module_level(tree.body) for t, _ in _targets(node, module, is_package, known) if t != module
-        }
+        nodes = _every_import(tree) if lazy else _module_level(tree.body)
+        targets = {t for node in nodes for t, _ in _targets(node, module, is_package, known)}
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first: the parent packages are imported too
+        parents = {".".join(t.split(".")[:i]) for t in targets for i in range(1, t.count(".") + 1)}
+        graph[module] = {t for t in targets | (parents & set(known)) if t != module and not module.startswith(t + ".")}
     return graph
+
+
+# Layering (docs/ARCHITECTURE.md "Layers"): (importer prefix, forbidden import prefixes, why). Prefixes match a
+# module and its submodules ("wimfris_jax.train" is the package and everything in it).
+COMMANDS = ("wimfris_jax.cli", "wimfris_jax.demo", "wimfris_jax.evaluate", "wimfris_jax.predict", "wimfris_jax.load")
+MODEL = (
+    "wimfris_jax.model", "wimfris_jax.tfanet", "wimfris_jax.vipa", "wimfris_jax.backbones", "wimfris_jax.adapters",
+    "wimfris_jax.neck", "wimfris_jax.decoder", "wimfris_jax.ssm", "wimfris_jax.layers", "wimfris_jax.attention",
+    "wimfris_jax.losses", "wimfris_jax.normalization",
+)  # fmt: skip
+LAYERS = [
+    *((m, ("data_pipeline",), "the model never imports the data pipeline") for m in MODEL),
+    *((m, COMMANDS + ("wimfris_jax.train",), "the model never imports training or the commands") for m in MODEL),
+    ("wimfris_jax.train", COMMANDS, "training never imports the commands"),
+    ("wimfris_jax.checkpoints", COMMANDS + ("wimfris_jax.train",), "checkpoint reading sits below training"),
+    ("port_weights", COMMANDS + ("wimfris_jax.train",), "converters never import training or the commands"),
+    ("data_pipeline", ("wimfris_jax",), "the data pipeline imports only the core (errors, io, normalization)"),
+]
+DATA_MAY_IMPORT = ("wimfris_jax", "wimfris_jax.errors", "wimfris_jax.io", "wimfris_jax.normalization")  # lazy __init__
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported (rule)`` for every import that breaks :data:`LAYERS`."""
+    found = []
+    for importer, targets in sorted(graph.items()):
+        for prefix, forbidden, why in LAYERS:
+            if not _under(importer, (prefix,)):
+                continue
+            for t in sorted(targets):
+                if _under(t, forbidden) and not (prefix == "data_pipeline" and t in DATA_MAY_IMPORT):
+                    found.append(f"{importer} -> {t} ({why})")
+    return found
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -150,7 +195,8 @@ def private_imports(known: dict[str, str], root: str = ROOT) -> list[str]:
 
 def test_the_graph_reader_sees_cycles_and_private_names(tmp_path):
     """The checks below can fail: a two-module cycle (one import relative, one in a class body) is found, a lazy
-    import (in a function) is not an edge, and a private name imported from a sibling module is reported."""
+    import (in a function) is an edge of the full graph only, and a private name imported from a sibling module is
+    reported."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -159,9 +205,10 @@ def test_the_graph_reader_sees_cycles_and_private_names(tmp_path):
     (pkg / "c.py").write_text("from pkg.a import _hidden\n")
     known = find_modules(str(tmp_path), ("pkg",))
     assert set(known) == {"pkg", "pkg.a", "pkg.b", "pkg.c"}
-    graph = import_graph(known)
+    graph = import_graph(known, lazy=False)
     assert graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
     assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+    assert import_graph(known)["pkg.b"] == {"pkg.a", "pkg.c"}  # the lazy import counts in the full graph
     assert private_imports(known, str(tmp_path)) == [f"{os.path.join('pkg', 'c.py')}:1: imports pkg.a._hidden"]
 
 
@@ -170,8 +217,19 @@ def test_no_import_cycle_among_our_modules():
     assert {"wimfris_jax", "wimfris_jax.cli", "data_pipeline.tokenizer", "port_weights.detris"} <= set(known)
     graph = import_graph(known)
     assert graph["wimfris_jax.cli"] >= {"wimfris_jax.config", "data_pipeline.sources"}
+    assert "data_pipeline.wordpiece" in graph["data_pipeline.tokenizers"]  # lazy imports are edges
     cycles = find_cycles(graph)
-    assert not cycles, "import cycles (module-level imports):\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert not cycles, "import cycles (all imports, lazy ones too):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_layers():
+    """The layering rules hold, and the check sees a breach (a model module importing the data pipeline)."""
+    graph = import_graph(find_modules())
+    assert layer_violations({"wimfris_jax.vipa.model": {"data_pipeline.tokenizers"}}) == [
+        "wimfris_jax.vipa.model -> data_pipeline.tokenizers (the model never imports the data pipeline)"
+    ]
+    found = layer_violations(graph)
+    assert not found, "layering broken:\n" + "\n".join(found)
 
 
 def test_no_private_name_imported_across_modules():

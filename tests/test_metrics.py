@@ -1,11 +1,10 @@
 """DETRIS's scoring: IoU bookkeeping on hand-made masks, post-processing geometry and parity."""
 
 import cv2
-import jax
 import numpy as np
 import pytest
 
-from wimfris_jax.metrics import RefMetrics, batch_iou, format_table, intersection_union, postprocess
+from wimfris_jax.metrics import RefMetrics, format_table, intersection_union, postprocess
 
 
 def _letterbox(orig_hw, size):
@@ -108,16 +107,3 @@ def test_postprocess_matches_detris_pipeline():
     near = np.abs(warped - 0.35) < 1e-5  # float rounding may flip pixels right at the threshold
     np.testing.assert_array_equal(got[~near], want[~near])
     assert 0.1 < want.mean() < 0.9
-
-
-def test_batch_iou_at_logit_resolution():
-    logits = np.full((2, 2, 2), -5.0, np.float32)
-    logits[0, 0, :] = 5.0  # predicts the top row
-    logits[1, 0, 0] = np.log(0.35 / 0.65)  # sigmoid = 0.35 exactly: >= threshold counts (DETRIS's rule)
-    mask = np.zeros((2, 4, 4), np.float32)  # nearest 4 -> 2 reads rows/cols 0 and 2
-    mask[0, 0, 0] = 0.2  # soft but non-zero: foreground
-    mask[0, 2, 2] = 1.0
-    mask[1, 1, 1] = 1.0  # never read
-    iou = np.asarray(jax.jit(batch_iou)(logits, mask))
-    # Sample 0: pred {(0,0),(0,1)}, gt {(0,0),(1,1)} -> 1 / 3. Sample 1: pred {(0,0)}, gt {} -> 0.
-    np.testing.assert_allclose(iou, [1 / 3, 0.0], atol=1e-6)

@@ -9,9 +9,8 @@ import optax
 import pytest
 
 from configs import common, tiny, wimfris_b, wimfris_l
-from wimfris_jax import summary
+from wimfris_jax import paths, summary
 from wimfris_jax.model import build_model, loss_fn
-from wimfris_jax.train import freeze
 
 SOT, EOT = 49406, 49407
 BACKBONES = {"text_encoder", "image_encoder"}
@@ -64,12 +63,12 @@ def test_tiny_forward(tiny_setup):
 def test_tiny_gradients_and_training(tiny_setup):
     """Frozen backbones get no gradient at all; every trainable leaf gets a non-zero one; the loss falls."""
     cfg, model, variables, (images, ids, mask) = tiny_setup
-    trainable, frozen = freeze.split(variables["params"], common.TRAINABLE)
+    trainable, frozen = paths.split(variables["params"], common.TRAINABLE)
     assert set(frozen) == BACKBONES and not BACKBONES & set(trainable)
 
     def loss_of(params, frozen, batch_stats, rng, images, ids, mask):
         out, upd = model.apply(
-            {"params": freeze.merge(params, frozen), "batch_stats": batch_stats},
+            {"params": paths.merge(params, frozen), "batch_stats": batch_stats},
             images,
             ids,
             train=True,

@@ -29,7 +29,7 @@ import pytest
 from multihost import ROOT, Processes, Result, sets
 from small_model import SMALL_MODEL
 
-from wimfris_jax.train.checkpoint import committed_steps, load_variables
+from wimfris_jax.checkpoints.runs import committed_steps, load_variables
 from wimfris_jax.train.logging import read_metrics
 from wimfris_jax.train.sharding import HEARTBEAT_TIMEOUT_S
 

@@ -29,10 +29,10 @@ import pytest
 from toy_model import run_toy_training, toy_config
 
 from wimfris_jax import cli
+from wimfris_jax.checkpoints import CheckpointError, CheckpointNotFound
+from wimfris_jax.checkpoints import runs as checkpoint_reads
+from wimfris_jax.checkpoints.runs import committed_steps, load_variables
 from wimfris_jax.io import flatten
-from wimfris_jax.load import CheckpointError, CheckpointNotFound
-from wimfris_jax.train import checkpoint_reads
-from wimfris_jax.train.checkpoint import committed_steps, load_variables
 from wimfris_jax.train.hosts import StopAgreement, lost_process_error
 from wimfris_jax.train.logging import read_metrics
 from wimfris_jax.train.signals import StopSignals, TrainingInterrupted

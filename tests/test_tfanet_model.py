@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from family_cli import train_eval_predict
 
-from data_pipeline.normalization import MEAN, STD
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.model import build_model, loss_fn, trainable_patterns
+from wimfris_jax.normalization import MEAN, STD
 from wimfris_jax.summary import abstract_params, count_params
 from wimfris_jax.tfanet.ablations import TransformerCrossAttention
 

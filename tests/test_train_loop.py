@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from toy_model import ToySource, run_toy_training, toy_config
 
+from wimfris_jax.checkpoints.runs import load_variables
 from wimfris_jax.errors import UserError
 from wimfris_jax.io import flatten
-from wimfris_jax.train.checkpoint import Checkpoints, load_variables
+from wimfris_jax.train.checkpoint import Checkpoints
 from wimfris_jax.train.logging import read_metrics
 from wimfris_jax.train.loop import NonFiniteLossError
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from family_cli import train_eval_predict
 
-from data_pipeline.normalization import to_imagenet
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.synthetic import SyntheticRefer
+from data_pipeline.tokenizers import check_tokenizer
 from wimfris_jax.cli import main
 from wimfris_jax.config import ConfigError, load_config
 from wimfris_jax.evaluate import data_settings
-from wimfris_jax.model import build_model, check_tokenizer, loss_fn, trainable_patterns
+from wimfris_jax.model import build_model, loss_fn, trainable_patterns
+from wimfris_jax.normalization import to_imagenet
 from wimfris_jax.summary import abstract_params, count_params
 
 QUICK = "configs/vipa_tiny.py:quick"

@@ -138,9 +138,8 @@ def test_model_check_uses_the_largest_id_not_the_number_of_tokens(tmp_path):
     """7 tokens numbered up to 60,006 passed a count check, then VIPA's loss went non-finite minutes later."""
     from types import SimpleNamespace
 
-    from data_pipeline.tokenizer import vocabulary_size
+    from data_pipeline.tokenizers import check_tokenizer, vocabulary_size
     from wimfris_jax.config import ConfigError
-    from wimfris_jax.model import check_tokenizer
 
     sparse = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "the": 4, "dog": 5, "cat": 60006}
     spec = "wordpiece:" + _tokenizer_json(tmp_path / "tokenizer.json", sparse)

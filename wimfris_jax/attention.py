@@ -131,6 +131,16 @@ def record_decisions() -> Iterator[list[dict]]:
         _DECISIONS.reset(token)
 
 
+def key_padding_mask(pad_mask: Array | None, queries: int | None = None) -> Array | None:
+    """The one home of key masks: (B, Lk) True = padding (``ids == 0``, an unused cue) -> the attention mask
+    (B, 1, 1, Lk) True = attend, broadcast over heads and queries, or (B, 1, queries, Lk) spelled out; None stays
+    None (no padding)."""
+    if pad_mask is None:
+        return None
+    mask = jnp.logical_not(jnp.asarray(pad_mask, bool))[:, None, None, :]
+    return mask if queries is None else jnp.broadcast_to(mask, (mask.shape[0], 1, queries, mask.shape[-1]))
+
+
 def _pad_to(x: Array, axis: int, length: int, value: Any = 0) -> Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, length - x.shape[axis])

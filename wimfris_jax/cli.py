@@ -15,9 +15,10 @@ environment before anything else (``wimfris_jax.train.sharding.maybe_initialize_
 
 Expected failures (bad input, missing files, a checkpoint that does not fit) print one ``wimfris <command>:
 error: ...`` message on stderr and exit with status 1; argument errors exit with status 2. What counts as bad
-input is decided by the exception's type (:func:`_expected`): a :class:`~wimfris_jax.errors.UserError`, or an
-``OSError`` naming a file. Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of
-every error. Warnings of this package (e.g. a damaged checkpoint skipped for an older one) are one line too.
+input is decided by the exception's type (:func:`wimfris_jax.errors.is_user_error`, the policy ``python -m
+port_weights`` shares): a :class:`~wimfris_jax.errors.UserError`, or an ``OSError`` naming a file. Anything else
+is a bug and keeps its traceback; ``--debug`` shows the traceback of every error. Warnings of this package (e.g. a
+damaged checkpoint skipped for an older one) are one line too.
 Training stopped by Ctrl-C or SIGTERM saves a checkpoint, prints one line (``wimfris train: terminated (SIGTERM) at
 step N; checkpoint saved in W/checkpoints``) and exits with 128 + the signal number (130, 143). A workdir in use
 by another training run, or a write into it that fails (disk full, ``ulimit -f``, read-only), is an error of one
@@ -44,7 +45,7 @@ from typing import Any
 
 from data_pipeline.sources import build_source
 from wimfris_jax.config import ConfigError, apply_overrides, load_config
-from wimfris_jax.errors import UserError
+from wimfris_jax.errors import describe, is_user_error
 from wimfris_jax.io import ensure_writable_file
 from wimfris_jax.load import load_model, pretrained_init_fn
 from wimfris_jax.platform import prepare_libtpu
@@ -228,25 +229,6 @@ def _split_config_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, found
 
 
-def _expected(error: BaseException) -> bool:
-    """Whether ``error`` is bad input (reported in one line) rather than a bug (shown with its traceback), by type:
-    a UserError; an OSError naming a file (PermissionError, IsADirectoryError, NotADirectoryError, ...); a
-    FileNotFoundError / FileExistsError, which this package raises with a message naming the file."""
-    if isinstance(error, UserError):
-        return True
-    return isinstance(error, OSError) and (
-        error.filename is not None or isinstance(error, (FileNotFoundError, FileExistsError))
-    )
-
-
-def _message(error: BaseException) -> str:
-    """The error's message; an OSError naming a file as ``<file>: <reason>``."""
-    if isinstance(error, OSError) and not isinstance(error, UserError) and error.filename is not None:
-        names = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
-        return f"{names}: {error.strerror or error}"
-    return str(error)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wimfris`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -279,12 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wimfris {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return leave(int(getattr(e, "exit_status", 130)), orderly=getattr(e, "orderly", False))
     except Exception as e:
-        if args.debug or not _expected(e):
+        if args.debug or not is_user_error(e):
             if not distributed():
                 raise
             traceback.print_exc()  # then leave at once: the other processes may be waiting in a collective
         else:
-            print(f"wimfris {args.command}: error: {_message(e)}", file=sys.stderr)
+            print(f"wimfris {args.command}: error: {describe(e)}", file=sys.stderr)
         return leave(1, orderly=False)
 
 

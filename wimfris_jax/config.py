@@ -12,24 +12,19 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
-from wimfris_jax.errors import UserError, one_line
+from wimfris_jax.config_check import validate
+from wimfris_jax.errors import ConfigError, one_line
 from wimfris_jax.io import read_json_object
 
-
-class ConfigError(UserError, ValueError):
-    """A bad config file, config value, --set / --config.KEY override or --init argument."""
+__all__ = ["ConfigError", "apply_overrides", "load_config", "read_run_config", "upgrade_model_config"]
 
 
 def _validate(config: Any, training: bool = True) -> Any:
-    """:func:`wimfris_jax.config_check.validate` (imported here: it imports the model families, which import this
-    module)."""
-    from wimfris_jax.config_check import validate
-
     return validate(config, training=training)
 
 
@@ -116,25 +111,6 @@ def load_config(path: str) -> Any:
             f"config file {file!r}: get_config() returned {type(config).__name__}, not an ml_collections ConfigDict"
         )
     return _validate(config)
-
-
-def expand_preset(group: Any, presets: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """A config group's module fields: its ``preset`` (if any) expanded by ``presets(name)``, then the group's
-    explicit fields on top (``vision=dict(preset="b14_reg4", pos_grid=16)``)."""
-    fields = dict(group)
-    preset = fields.pop("preset", None)
-    return {**presets(preset), **fields} if preset is not None else fields
-
-
-def choice(group: Any, key: str, default: str, choices: Sequence[str], where: str = "", section: str = "model") -> str:
-    """``group[key]`` (``default`` when absent), one of ``choices``; else a ConfigError naming
-    ``config.<section>.<where>.<key>`` and the sorted choices (a model's switch, e.g. ``fusion`` or ``level.mixer``;
-    a training one, ``section="train"``)."""
-    value = group.get(key, default)
-    if value not in choices:
-        name = f"{where}.{key}" if where else key
-        raise ConfigError(f"config.{section}.{name}={value!r}: choose one of {sorted(choices)}")
-    return value
 
 
 def upgrade_model_config(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import describe, preprocess_eval
+from data_pipeline.tokenizers import DEFAULT_TOKENIZER
 from wimfris_jax.errors import UserError
 from wimfris_jax.metrics import RefMetrics, postprocess
 
@@ -41,7 +42,7 @@ class EvalError(UserError, ValueError):
 
 def data_settings(config: Any) -> dict[str, Any]:
     """image_size, word_len, max_size (eval mask padding, default 640) and tokenizer ("clip" unless the config names
-    one, :func:`data_pipeline.tokenizer.text_ids`) from ``config.data`` (or config.model)."""
+    one, :func:`data_pipeline.tokenizers.text_ids`) from ``config.data`` (or config.model)."""
     data = config.data if hasattr(config, "data") else config
     model = config.model if hasattr(config, "model") else config
     get = lambda key, default=None: data.get(key, model.get(key, default))  # noqa: E731
@@ -52,7 +53,7 @@ def data_settings(config: Any) -> dict[str, Any]:
         "image_size": int(size),
         "word_len": int(word_len),
         "max_size": int(get("max_size", 640)),
-        "tokenizer": str(get("tokenizer", "clip")),
+        "tokenizer": str(get("tokenizer", DEFAULT_TOKENIZER)),
     }
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import flax.linen as nn
 
 from wimfris_jax.backbones.dinov2 import INTERPOLATIONS
-from wimfris_jax.config import ConfigError, choice
+from wimfris_jax.config_fields import choice
+from wimfris_jax.errors import ConfigError
 from wimfris_jax.neck.wmf import WindowMambaFuser
 from wimfris_jax.tfanet.ablations import TransformerCrossAttention
 from wimfris_jax.tfanet.mlam import MLAM

@@ -28,34 +28,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline.tokenizers import check_tokenizer, tokenizer_spec
+from wimfris_jax.checkpoints import CheckpointMismatch, check_variables, expected_variables, read_checkpoint
 from wimfris_jax.config import load_config
 from wimfris_jax.config_check import validate
-from wimfris_jax.errors import UserError
-from wimfris_jax.io import flatten, load_params, unflatten
-from wimfris_jax.model import build_model, check_tokenizer
+from wimfris_jax.io import flatten, unflatten
+from wimfris_jax.model import build_model
 from wimfris_jax.train.state import init_variables
-
-MAX_LISTED = 40  # problems listed one per line before the rest is counted
-
-
-class CheckpointMismatch(UserError, ValueError):
-    """The checkpoint's variables do not fit the model the config builds."""
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read (damaged, unfinished, not a parameter file), or a directory holding none."""
-
-
-class CheckpointNotFound(UserError, FileNotFoundError):
-    """No checkpoint of the kind asked for (no best, no such step, nothing committed yet)."""
-
-
-class CheckpointFallbackWarning(UserWarning):
-    """A damaged checkpoint was skipped for an older intact one; the message names both and why."""
 
 
 def _config(config: Any) -> tuple[Any, str]:
@@ -65,70 +47,6 @@ def _config(config: Any) -> tuple[Any, str]:
         return load_config(os.fspath(config)), os.fspath(config)
     validate(config if hasattr(config, "model") else {"model": config}, training=False)
     return config, "the given config"
-
-
-def expected_variables(model: Any, model_config: Any) -> dict[str, Any]:
-    """``jax.eval_shape`` of ``model.init`` for a batch of one (nothing allocated)."""
-    s, n = int(model_config.image_size), int(model_config.word_len)
-    images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, n), jnp.int32)
-    return dict(jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, train=False), images, ids))
-
-
-def check_variables(variables: Any, expected: Any, checkpoint: str, config_name: str) -> None:
-    """Raises :class:`CheckpointMismatch` naming every path that is missing, unexpected or mis-shaped; a
-    top-level module (an adapter, the neck, ...) that is missing or unexpected as a whole is named once."""
-    got, want = flatten(variables), flatten(expected)
-    problems = []
-    for kind, paths, side in (("missing", set(want) - set(got), want), ("unexpected", set(got) - set(want), got)):
-        by_module: dict[str, list[str]] = {}
-        for p in sorted(paths):
-            by_module.setdefault(_module(p), []).append(p)
-        for module, ps in by_module.items():
-            if len(ps) > 1 and len(ps) == sum(_module(p) == module for p in side):
-                example = f"{ps[0]} {tuple(np.shape(side[ps[0]]))}"
-                problems.append(f"{kind}: all {len(ps)} arrays of {module!r} (e.g. {example})")
-            else:
-                problems += [f"{kind}: {p} {tuple(np.shape(side[p]))}" for p in ps]
-    problems += [
-        f"shape: {p} is {tuple(np.shape(got[p]))} in the checkpoint, the model has {tuple(want[p].shape)}"
-        for p in sorted(set(got) & set(want))
-        if tuple(np.shape(got[p])) != tuple(want[p].shape)
-    ]
-    if problems:
-        more = len(problems) - MAX_LISTED
-        listed = "\n  ".join(problems[:MAX_LISTED]) + (f"\n  ... and {more} more" if more > 0 else "")
-        raise CheckpointMismatch(
-            f"{checkpoint} does not fit the model of {config_name}: {len(problems)} problem(s)\n  {listed}"
-        )
-
-
-def _module(path: str) -> str:
-    """'params/dense_aligner_3/D_fc1/kernel' -> 'dense_aligner_3' (the top-level module, any collection)."""
-    parts = path.split("/")
-    return parts[1] if len(parts) > 2 else parts[0]
-
-
-def read_checkpoint(checkpoint: str | os.PathLike, which: str | int = "auto") -> tuple[dict[str, Any], dict]:
-    """``(variables, meta)`` of a converted file, a training run directory or one of its step folders (module
-    docstring); ``which``: "auto", "best", "latest" or a step number (run directories only). Never writes."""
-    path = os.fspath(checkpoint)
-    if os.path.isdir(path):
-        # Lazy: orbax and grain (~0.7 s) only for run directories, and train.checkpoint imports this module's errors.
-        from wimfris_jax.train.checkpoint import load_variables
-
-        variables, step = load_variables(path, which)
-        return variables, {"step": step, "which": which}
-    if which != "auto":
-        raise CheckpointError(f"{path} is a converted weights file; step {which!r} applies to run directories")
-    tree, meta = load_params(path)
-    collections = meta.get("collections")
-    if collections:
-        missing = [c for c in collections if c not in tree]
-        if missing:
-            raise CheckpointMismatch(f"{path}: meta lists collections {collections} but {missing} are absent")
-        return {c: tree[c] for c in collections}, meta
-    return {"params": tree}, meta
 
 
 def load_model(
@@ -151,7 +69,7 @@ def load_model(
     model_config = cfg.model if hasattr(cfg, "model") else cfg
     model = build_model(model_config).clone(logits_only=True)
     if hasattr(cfg, "data"):  # eval / predict tokenise with config.data.tokenizer
-        check_tokenizer(model, str(cfg.data.get("tokenizer", "clip")))
+        check_tokenizer(model, tokenizer_spec(cfg.data))
     variables, meta = read_checkpoint(checkpoint, which)
     rule = meta.get("interpolation")
     want_rule = dict(model_config.vision).get("interpolation", "torchhub")

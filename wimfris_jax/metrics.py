@@ -8,8 +8,7 @@ object). IoU = I / (U + 1e-6) (so an empty prediction of an empty mask scores 0)
 sum U; Prec@X = fraction of expressions with IoU > X. DETRIS's thresholds come from ``torch.arange(0.5, 1.0, 0.1)``
 in float32, so X is float32(X) (0.69999999 for 0.7); this module compares against the same float32 values.
 
-``postprocess``, ``intersection_union`` and :class:`RefMetrics` run on the host in numpy/OpenCV; ``batch_iou`` is
-a jit-friendly per-sample IoU at the logit resolution for training-time monitoring (DETRIS ``trainMetricGPU``).
+``postprocess``, ``intersection_union`` and :class:`RefMetrics` run on the host in numpy/OpenCV.
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import cv2
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from wimfris_jax.interpolate import resize_matrix
-from wimfris_jax.losses import nearest_resize
 
 THRESHOLD = 0.35
 PREC_AT = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -123,23 +119,3 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         cells = "  ".join(f"{100.0 * r[c]:8.2f}" for c in cols)
         lines.append(f"{split:<{width}}  {cells}  {int(r['n']):>7d}")
     return "\n".join(lines)
-
-
-def batch_iou(logits: jnp.ndarray, mask: jnp.ndarray, threshold: float = THRESHOLD) -> jnp.ndarray:
-    """Training-time IoU per sample at the logit resolution (DETRIS ``trainMetricGPU``).
-
-    Args:
-      logits: (B, h, w).
-      mask: (B, Hm, Wm) ground truth, taken to (h, w) by PyTorch's nearest rule when the sizes differ; any
-        non-zero value counts as foreground (DETRIS's ``target.bool()`` on the soft mask).
-      threshold: prediction = sigmoid(logits) >= threshold.
-
-    Returns:
-      (B,) float32 IoU = I / (U + 1e-6).
-    """
-    mask = nearest_resize(mask, logits.shape[-2:])
-    pred = jax.nn.sigmoid(logits.astype(jnp.float32)) >= threshold
-    gt = mask != 0
-    inter = jnp.logical_and(pred, gt).sum(axis=(-2, -1)).astype(jnp.float32)
-    union = jnp.logical_or(pred, gt).sum(axis=(-2, -1)).astype(jnp.float32)
-    return inter / (union + IOU_EPS)

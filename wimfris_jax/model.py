@@ -37,14 +37,15 @@ from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.attention import IMPLEMENTATIONS
 from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
-from wimfris_jax.config import ConfigError, choice, expand_preset
+from wimfris_jax.config_fields import choice, expand_preset
 from wimfris_jax.decoder import Decoder, Projector
+from wimfris_jax.errors import ConfigError
 from wimfris_jax.layers import check_remat
 from wimfris_jax.losses import wimfris_loss
 from wimfris_jax.neck.hmf import NECKS, build_neck
 from wimfris_jax.neck.wmf import normalize_window
+from wimfris_jax.paths import DEFAULT_TRAINABLE
 from wimfris_jax.tfanet.model import build_tfanet, tfanet_loss_fn
-from wimfris_jax.train.state import DEFAULT_TRAINABLE
 from wimfris_jax.vipa.model import build_vipa, vipa_loss_fn
 
 # config.model keys of the schema before text_adapter / vision_adapter (wimfris_jax.config.upgrade_model_config)
@@ -227,25 +228,6 @@ def build_model(model_config: Any, dtype: Any = None, remat_mode: str = "none") 
     return _family(model_config)[0](model_config, dtype=dtype, remat_mode=check_remat(remat_mode))
 
 
-def check_tokenizer(model: nn.Module, tokenizer: str) -> None:
-    """Raises a ConfigError when ``tokenizer`` (``config.data.tokenizer``) can produce ids that ``model``'s text tower
-    cannot embed, i.e. its largest id is >= ``vocab_size``: the embedding gather would clamp them silently (CLIP ids
-    into a BERT, say) or the loss turn non-finite. Models without a ``text_encoder.vocab_size`` are not checked."""
-    # data_pipeline imports wimfris_jax (its errors), whose __init__ reaches this module: imported here, not at the top
-    from data_pipeline.tokenizer import vocabulary_size
-
-    size = getattr(getattr(model, "text_encoder", None), "vocab_size", None)
-    if size is None:
-        return
-    n = vocabulary_size(tokenizer)  # the largest id + 1, not the number of tokens
-    if n > int(size):
-        raise ConfigError(
-            f"config.data.tokenizer={tokenizer!r} has ids up to {n - 1:,} but the model's text tower embeds "
-            f"{int(size):,} (ids 0 to {int(size) - 1:,}, config.model.text.vocab_size): pick the tokenizer of the text "
-            "weights"
-        )
-
-
 def loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
     """The training loss of ``config.model``'s family: (scalar, aux scalars); mask (B, Hm, Wm) at the logit size."""
     return _family(model_config)[1](model_config, outputs, mask)
@@ -339,7 +321,7 @@ UNTRAINABLE: dict[str, tuple[str, ...]] = {
 
 def trainable_patterns(config: Any) -> tuple[str, ...]:
     """``config.train.trainable`` and, as ``"!regex"`` exclusions, the family's :data:`UNTRAINABLE` parameters:
-    the patterns every trainer passes to :func:`wimfris_jax.train.freeze.split`."""
+    the patterns every trainer passes to :func:`wimfris_jax.paths.split`."""
     model_config = config.get("model") or {}  # tests train toy models with no config.model
     _family(model_config)
     exclusions = tuple(f"!{p}" for p in UNTRAINABLE[model_config.get("family", "wimfris")])

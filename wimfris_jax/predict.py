@@ -26,7 +26,8 @@ import tqdm
 
 from data_pipeline.images import ExampleError, ImageTooLargeError, image_size, load_image
 from data_pipeline.preprocess import inverse_letterbox_matrix, letterbox_image, normalize
-from data_pipeline.tokenizer import clean, text_ids
+from data_pipeline.tokenizer import clean
+from data_pipeline.tokenizers import DEFAULT_TOKENIZER, text_ids
 from wimfris_jax.config import load_config, read_run_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.evaluate import data_settings, forward_fn
@@ -133,10 +134,10 @@ def predict_stream(
     batch_size: int = 8,
     progress: bool = False,
     total: int | None = None,
-    tokenizer: str = "clip",
+    tokenizer: str = DEFAULT_TOKENIZER,
 ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
     """Yields ``(key, image, mask)`` for each ``(key, uint8 RGB (H, W, 3) image)`` of ``images``, in order: the mask
-    (H, W) bool of the object ``sentence`` names (``tokenizer``: see :func:`data_pipeline.tokenizer.text_ids`).
+    (H, W) bool of the object ``sentence`` names (``tokenizer``: see :func:`data_pipeline.tokenizers.text_ids`).
 
     ``images`` is consumed ``batch_size`` items at a time, and a batch is let go before the next is drawn: given a
     generator that decodes lazily, at most one batch of decoded images is alive (besides the one the caller holds).
@@ -164,10 +165,10 @@ def predict_masks(
     word_len: int,
     batch_size: int = 8,
     progress: bool = False,
-    tokenizer: str = "clip",
+    tokenizer: str = DEFAULT_TOKENIZER,
 ) -> list[np.ndarray]:
     """(H_i, W_i) bool masks of the object ``sentence`` names in each uint8 RGB image (``tokenizer``: see
-    :func:`data_pipeline.tokenizer.text_ids`); :func:`predict_stream` over images already in memory."""
+    :func:`data_pipeline.tokenizers.text_ids`); :func:`predict_stream` over images already in memory."""
     stream = predict_stream(
         model, variables, enumerate(images), sentence, image_size=image_size, word_len=word_len,
         batch_size=batch_size, progress=progress, total=len(images), tokenizer=tokenizer,

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from wimfris_jax.adapters import ADAPTERS
+from wimfris_jax.checkpoints import expected_variables
 from wimfris_jax.config import load_config
 from wimfris_jax.io import flatten
-from wimfris_jax.load import expected_variables
 from wimfris_jax.model import build_model, trainable_patterns, vision_fields
-from wimfris_jax.train.freeze import path_selected
+from wimfris_jax.paths import path_selected
 
 GROUPS = (
     ("text backbone", "text_encoder"),

@@ -45,7 +45,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
+from wimfris_jax.attention import key_padding_mask, multi_head_attention
 from wimfris_jax.layers import kaiming_normal, vit_trunc_normal, xavier_uniform
 
 
@@ -178,7 +178,7 @@ class MultiScaleAligner(nn.Module):
         mixed = self.rfmixer(patches).reshape(b, h * w, self.dim)
         x_mix = jnp.concatenate([x0[:, :num_prefix], mixed], axis=1)
 
-        attend = None if pad_mask is None else jnp.logical_not(pad_mask.astype(bool))[:, None, None, :]
+        attend = key_padding_mask(pad_mask)
         attn = self.cross_attn(x_mix, jnp.asarray(words, x_mix.dtype), mask=attend, deterministic=not train)
         fused = self.up(x_mix + attn)
         return self.alpha().astype(fused.dtype) * fused

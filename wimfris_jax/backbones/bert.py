@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.attention import key_padding_mask
 from wimfris_jax.backbones.vit import Array, Mlp, cast, gelu_exact, layer_norm, self_attention
 from wimfris_jax.layers import remat
 
@@ -93,7 +94,7 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, pad_mask: Array) -> Array:
         w = x.shape[-1]
-        mask = ~pad_mask[:, None, None, :]  # (B, 1, 1, L), True = attend
+        mask = key_padding_mask(pad_mask)  # (B, 1, 1, L), True = attend
         h = self_attention(self.num_heads, w, self.dtype, "attn", self.attention, self.remat_mode)(x, mask=mask)
         x = layer_norm(self.ln_eps, self.dtype, "attn_norm")(x + h)
         y = remat(Mlp, self.remat_mode)(self.mlp_dim, gelu_exact, self.dtype, name="mlp")(x)

@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
+from wimfris_jax.attention import key_padding_mask, multi_head_attention
 from wimfris_jax.decoder.position import pos1d, pos2d
 from wimfris_jax.layers import Dropout, remat
 
@@ -128,7 +128,7 @@ class Decoder(nn.Module):
             raise ValueError(f"pad_mask {pad_mask.shape} does not match words {words.shape}")
         vis_pos = jnp.asarray(pos2d(h, w, c).reshape(h * w, c), vis.dtype)
         word_pos = jnp.asarray(pos1d(words.shape[1], c), words.dtype)
-        attend = jnp.logical_not(pad_mask.astype(bool))[:, None, None, :]  # (B, 1, 1, L)
+        attend = key_padding_mask(pad_mask)  # (B, 1, 1, L)
         x = vis.reshape(b, h * w, c)
         for i in range(self.num_layers):
             layer = DecoderLayer(

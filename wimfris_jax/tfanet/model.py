@@ -29,10 +29,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from data_pipeline.normalization import to_imagenet
 from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
-from wimfris_jax.config import ConfigError, choice, expand_preset
+from wimfris_jax.config_fields import choice, expand_preset
+from wimfris_jax.errors import ConfigError
+from wimfris_jax.normalization import to_imagenet
 from wimfris_jax.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
 from wimfris_jax.tfanet.level import TFANetLevel
 from wimfris_jax.tfanet.losses import foreground_logits, tfanet_loss

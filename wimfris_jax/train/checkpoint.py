@@ -17,7 +17,7 @@ leaves the previous checkpoints intact. Callers must never hand a non-finite sta
 Only the training process writes, under the workdir's lock (:mod:`wimfris_jax.train.workdir`: ``train`` takes it
 before anything else, and :class:`Checkpoints` holds it too, re-entrantly, before its managers open and remove
 unfinished ``<step>.orbax-checkpoint-tmp*`` folders, so no second writer can delete a live run's save in flight).
-Readers (:mod:`wimfris_jax.train.checkpoint_reads`: :func:`load_variables` for ``wimfris predict`` / ``eval``,
+Readers (:mod:`wimfris_jax.checkpoints.runs`: :func:`load_variables` for ``wimfris predict`` / ``eval``,
 ``load_model``) never create, clean up or lock anything, so a run can be watched while it trains.
 """
 
@@ -38,21 +38,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from data_pipeline.order import restore_iterator_state
+from wimfris_jax.checkpoints.errors import CheckpointError, CheckpointNotFound
+from wimfris_jax.checkpoints.runs import TMP_MARK, check_fits, quiet_abandoned_io, restore_target
 from wimfris_jax.errors import UserError, one_line
-from wimfris_jax.load import CheckpointError, CheckpointNotFound
-from wimfris_jax.train.checkpoint_reads import (
-    TMP_MARK,
-    check_fits,
-    committed_steps,
-    load_variables,
-    quiet_abandoned_io,
-    restore_target,
-)
 from wimfris_jax.train.state import TrainState
 from wimfris_jax.train.workdir import hold_workdir
-
-# the readers, from their own module, for the callers of this one
-__all__ = ["TMP_MARK", "Checkpoints", "check_fits", "committed_steps", "discard_unfinished", "load_variables"]
 
 
 class Checkpoints:
@@ -168,12 +158,6 @@ class Checkpoints:
         self._best.save(step, args=args, metrics={k: float(v) for k, v in metrics.items()}, force=True)
         self._best_cache = step, value
         return True
-
-    def restore_best(self, target: Any) -> TrainState:
-        best = self.best()
-        if best is None:
-            raise CheckpointNotFound(f"no best checkpoint under {self._best.directory}")
-        return self._restore(self._best, best[0], target, None)
 
     # -- common -------------------------------------------------------------------------------------------
     def wait(self) -> None:

@@ -38,8 +38,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from wimfris_jax.checkpoints.runs import committed_steps
 from wimfris_jax.errors import UserError, one_line
-from wimfris_jax.train.checkpoint_reads import committed_steps
 from wimfris_jax.train.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 
 # what a collective or the coordination service says when another process is gone

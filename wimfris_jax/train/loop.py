@@ -42,11 +42,12 @@ from data_pipeline.loader import make_loader as grain_loader
 from data_pipeline.loader import steps_per_epoch
 from data_pipeline.preprocess import preprocess_train
 from data_pipeline.sources import build_source
+from data_pipeline.tokenizers import check_tokenizer, tokenizer_spec
 from wimfris_jax import model as model_lib
+from wimfris_jax.checkpoints.runs import committed_steps, quiet_abandoned_io
 from wimfris_jax.errors import UserError, one_line
 from wimfris_jax.train import sharding
-from wimfris_jax.train.checkpoint import Checkpoints, committed_steps, discard_unfinished
-from wimfris_jax.train.checkpoint_reads import quiet_abandoned_io
+from wimfris_jax.train.checkpoint import Checkpoints, discard_unfinished
 from wimfris_jax.train.hosts import StopAgreement, lost_process_error
 from wimfris_jax.train.logging import MetricWriter
 from wimfris_jax.train.optim import make_optimizer
@@ -91,7 +92,7 @@ def train(
     if loss_fn is None:
         loss_fn = functools.partial(model_lib.loss_fn, config.model)
     if transform is None:  # the ids come from config.data.tokenizer: they must fit the text tower
-        model_lib.check_tokenizer(model, str(config.data.get("tokenizer", "clip")))
+        check_tokenizer(model, tokenizer_spec(config.data))
     source = train_source if train_source is not None else build_source(config.data, "train")
     transform = transform if transform is not None else default_train_transform(config.data)
     make_loader = make_loader if make_loader is not None else grain_loader
@@ -290,6 +291,6 @@ def default_train_transform(data_config: Any) -> Callable[[Mapping[str, Any], np
         image_size=int(data_config.image_size),
         word_len=int(data_config.word_len),
         mask_size=int(data_config.mask_size),
-        tokenizer=str(data_config.get("tokenizer", "clip")),
+        tokenizer=tokenizer_spec(data_config),
     )
     return lambda example, rng: preprocess_train(example, rng=rng, **kwargs)

@@ -8,7 +8,7 @@ schedule is per update: the update with optimiser count ``c`` (0-based) uses
 
 The peers' recipes add: AdamW with decoupled weight decay (TFANet, VIPA), a polynomial decay per update (VIPA, as
 CrossVLT), weight decay spared on some parameters (``no_decay``) and per-group learning rates (``lr_scale``), the
-last two selected by path regexes as the trainable set is (:mod:`wimfris_jax.train.freeze`).
+last two selected by path regexes as the trainable set is (:mod:`wimfris_jax.paths`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import optax
 
-from wimfris_jax.config import ConfigError, choice
-from wimfris_jax.train.freeze import path_selected
+from wimfris_jax.config_fields import choice
+from wimfris_jax.paths import check_patterns, key_path, path_selected, tree_paths
 
 LR_SCHEDULES = ("step", "poly")  # config.train.lr_schedule
 
@@ -74,28 +74,13 @@ def make_optimizer(train_config, steps_per_epoch: int) -> tuple[optax.GradientTr
     return tx, schedule
 
 
-def _path(keys: tuple) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
-
-
-def _paths(params: Any) -> list[str]:
-    return [_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _check_matches(patterns: Sequence[str], paths: list[str], what: str) -> None:
-    for p in patterns:
-        if not any(re.search(p, k) for k in paths):
-            like = f" (paths look like {paths[0]!r})" if paths else ""
-            raise ConfigError(f"config.{what}: pattern {p!r} matches no trainable parameter{like}")
-
-
 def path_mask(patterns: Sequence[str], what: str, negate: bool = False) -> Callable[[Any], Any]:
     """``params -> tree of bools``: True where a parameter's path ('a/b/kernel') matches one of the regexes
     (``negate``: where none does), e.g. optax's weight-decay mask. A pattern matching nothing is a ConfigError."""
 
     def mask(params: Any) -> Any:
-        _check_matches(patterns, _paths(params), what)
-        return jax.tree_util.tree_map_with_path(lambda k, _: path_selected(_path(k), patterns) != negate, params)
+        check_patterns(patterns, tree_paths(params), what, "trainable parameter")
+        return jax.tree_util.tree_map_with_path(lambda k, _: path_selected(key_path(k), patterns) != negate, params)
 
     return mask
 
@@ -110,11 +95,11 @@ def scale_by_path(factors: Sequence[tuple[str, float]]) -> optax.GradientTransfo
         return next((f for p, f in factors if re.search(p, path)), 1.0)
 
     def init_fn(params: Any) -> optax.EmptyState:
-        _check_matches(patterns, _paths(params), "train.lr_scale")
+        check_patterns(patterns, tree_paths(params), "train.lr_scale", "trainable parameter")
         return optax.EmptyState()
 
     def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
         del params
-        return jax.tree_util.tree_map_with_path(lambda k, u: u * factor(_path(k)), updates), state
+        return jax.tree_util.tree_map_with_path(lambda k, u: u * factor(key_path(k)), updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -1,6 +1,6 @@
 """Train state: trainable and frozen parameters apart, optimiser state, BatchNorm statistics, step, RNG.
 
-Follows the split of :mod:`wimfris_jax.train.freeze`: the optimiser state covers ``params`` (the trainable
+Follows the split of :mod:`wimfris_jax.paths`: the optimiser state covers ``params`` (the trainable
 split) alone and the frozen backbones are carried unchanged, so they receive no gradient and no Adam
 moments (WIMFRIS Sec. 3: frozen CLIP text tower and DINOv2, tuned through MTA/MSA adapters).
 """
@@ -17,10 +17,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from wimfris_jax.train import freeze, sharding
-
-# Everything but the two frozen backbones (their adapters live at top level: mta_<i>, msa_<i>).
-DEFAULT_TRAINABLE: tuple[str, ...] = (r"^(?!text_encoder/|image_encoder/)",)
+from wimfris_jax import paths
+from wimfris_jax.train import sharding
 
 
 @struct.dataclass
@@ -45,7 +43,7 @@ class TrainState:
 
     def variables(self) -> dict[str, Any]:
         """Flax variables for ``model.apply`` (evaluation): all parameters merged, plus batch_stats."""
-        out = {"params": freeze.merge(self.params, self.frozen)}
+        out = {"params": paths.merge(self.params, self.frozen)}
         if self.batch_stats:
             out["batch_stats"] = self.batch_stats
         return out
@@ -58,7 +56,7 @@ def create_train_state(
     rng: jax.Array,
 ) -> TrainState:
     """Builds the state from flax ``variables`` ({"params", "batch_stats"?}); pure, usable under jit/eval_shape."""
-    params, frozen = freeze.split(variables["params"], trainable)
+    params, frozen = paths.split(variables["params"], trainable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -1,7 +1,7 @@
 """The train step: loss, gradient w.r.t. the trainable split, Adam update, BatchNorm statistics, RNG split.
 
 WIMFRIS Sec. 3.4 / eq. 10 (total loss, computed by the injected ``loss_fn``) optimised as in Sec. 4.1;
-frozen backbones are split off (:mod:`wimfris_jax.train.freeze`) so ``jax.value_and_grad`` never
+frozen backbones are split off (:mod:`wimfris_jax.paths`) so ``jax.value_and_grad`` never
 differentiates them. With a sharded batch (``"data"`` mesh axis) BatchNorm's batch mean/variance are
 global means, i.e. synchronised BN as in DETRIS (``sync_bn: True``).
 
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wimfris_jax import paths
 from wimfris_jax.platform import for_devices
-from wimfris_jax.train import freeze
 from wimfris_jax.train.sharding import batch_sharding
 from wimfris_jax.train.state import TrainState
 
@@ -60,7 +60,7 @@ def make_train_step(
         rng, dropout_rng = jax.random.split(state.rng)
 
         def loss_of(params: Any) -> tuple[jax.Array, tuple[Mapping[str, jax.Array], Any]]:
-            all_params = freeze.merge(params, state.frozen)
+            all_params = paths.merge(params, state.frozen)
             variables = {"params": cast_floats(all_params, cdtype)}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats

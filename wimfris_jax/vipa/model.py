@@ -31,11 +31,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline.normalization import to_imagenet
 from wimfris_jax.backbones.bert import Bert, bert_config
 from wimfris_jax.backbones.swin import Swin, swin_config
 from wimfris_jax.backbones.vit import layer_norm
-from wimfris_jax.config import ConfigError, choice, expand_preset
+from wimfris_jax.config_fields import choice, expand_preset
+from wimfris_jax.errors import ConfigError
+from wimfris_jax.normalization import to_imagenet
 from wimfris_jax.vipa.decoder import VipaDecoder
 from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion
 from wimfris_jax.vipa.losses import vipa_loss

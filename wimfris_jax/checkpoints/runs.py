@@ -27,9 +27,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from wimfris_jax import paths
+from wimfris_jax.checkpoints.errors import (
+    CheckpointError,
+    CheckpointFallbackWarning,
+    CheckpointMismatch,
+    CheckpointNotFound,
+)
 from wimfris_jax.errors import one_line
-from wimfris_jax.load import CheckpointError, CheckpointFallbackWarning, CheckpointMismatch, CheckpointNotFound
-from wimfris_jax.train import freeze
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes a save into "<step>.orbax-checkpoint-tmp[-<time>]", then renames
 VANISHED_RETRIES = 20  # readings of a run whose chosen step was deleted by the run while read, before giving up
@@ -209,7 +214,7 @@ def load_variables(path: str | os.PathLike, which: str | int = "auto") -> tuple[
                     f"skipped {len(skipped)} damaged checkpoint(s), loaded {folder} instead; {skipped[0]}",
                     CheckpointFallbackWarning, stacklevel=2,
                 )  # fmt: skip
-            variables = {"params": freeze.merge(tree["params"], tree.get("frozen") or {})}
+            variables = {"params": paths.merge(tree["params"], tree.get("frozen") or {})}
             if tree.get("batch_stats"):
                 variables["batch_stats"] = tree["batch_stats"]
             name = os.path.basename(folder)
