@@ -11,7 +11,8 @@ Run::
 
 Expected: the loss falls; the demo's true-sentence mIoU well above the swapped-sentence control. Measured
 (``wimfris demo --config configs/tfanet_tiny.py``, 3,200 steps of batch 16, 206 ms/step alone on 2 CPU cores;
-1,508 s on a loaded machine): val mIoU 54.1 with the true sentences vs 3.4 swapped (oIoU 53.2 / 3.3). Below the
+1,482 s on a loaded machine): val mIoU 52.5 with the true sentences vs 5.0 swapped (oIoU 50.9 / 4.5; with VMamba fed
+CLIP-normalised images, before it saw ImageNet statistics: 54.1 / 3.4). Below the
 WIMFRIS demo's 60 at the same budget: TFANet's logits are 1/4 of the image (16 x 16 here, Prec@0.8 0.3%), and the
 coarse mask bounds the IoU on 64 px scenes.
 """

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.images import ExampleError, decode_image, decode_mask
+from wimfris_jax.errors import UserError, one_line
 
 CONFIGS = {  # tfds config -> (refer dataset, split_by, tfds splits)
     "refcoco_unc": ("refcoco", "unc", ("train", "validation", "testA", "testB")),
@@ -36,6 +37,25 @@ def parse_record(raw: bytes) -> dict[str, list]:
 
     feats = tf_example_pb2.Example.FromString(raw).features.feature
     return {k: list(getattr(f, f.WhichOneof("kind")).value) if f.WhichOneof("kind") else [] for k, f in feats.items()}
+
+
+class DatasetNotPrepared(UserError, FileNotFoundError):
+    """A tfds dataset that is not built in the data directory looked in; the message says where and how to build it."""
+
+
+def not_prepared(config: str, split: str, data_dir: str | None, error: BaseException) -> str:
+    """The one line for a ``ref_coco/<config>`` split that cannot be opened: the folder looked in (tfds's default,
+    ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets, when ``config.data.data_dir`` is unset), the build command and the
+    docs section."""
+    from tensorflow_datasets.core import constants
+
+    where = data_dir or f"{constants.DATA_DIR} (tfds's default: config.data.data_dir is unset)"
+    folder = data_dir or constants.DATA_DIR
+    return (
+        f"ref_coco/{config} split {split!r} is not prepared in {where} ({one_line(error, 120)}); build it with "
+        f"`python -m data_pipeline.build_tfds build --config {config} --data-dir {folder} --manual-dir MANUAL_DIR` "
+        "(docs/DATA.md, section 2b), or read the refer layout directly (--set data.name=refer, section 2a)"
+    )
 
 
 class RefCocoTfdsSource:
@@ -66,10 +86,7 @@ class RefCocoTfdsSource:
                 deserialize_method=decode.DeserializeMethod.RAW_BYTES,
             )
         except Exception as e:
-            raise FileNotFoundError(
-                f"ref_coco/{config} is not prepared under {data_dir} ({type(e).__name__}: {e}); build it first: "
-                "python -m data_pipeline.build_tfds build ... (docs/DATA.md)"
-            ) from e
+            raise DatasetNotPrepared(not_prepared(config, split, data_dir, e)) from e
         self._index: list[tuple[int, int, int]] = []
         for r in range(len(self._ds)):
             rec = parse_record(self._ds[r])

@@ -5,8 +5,10 @@ The test helpers beside this file (toy_model.py, fake_refcoco.py) are imported b
 (``from fake_refcoco import write_fake_refcoco``): this folder is put on ``sys.path`` here, whatever pytest's
 import mode."""
 
+import contextlib
 import os
 import sys
+import tempfile
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -15,5 +17,43 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+# A worker that dies (killed for memory, a segfault in a compiler) takes its test down with it; pytest-xdist then prints
+# "node down: Not properly terminated" and, if the test had not started, names nothing. Each worker writes the test it
+# is running to a file; the controller names it when the worker goes down.
+def _running_file(testrunuid: str, worker: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"wimfris-pytest-{testrunuid}-{worker}.running")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if worker and uid:
+        with open(_running_file(uid, worker), "w", encoding="utf-8") as f:
+            f.write(nodeid)
+
+
+def _last_test(node) -> str | None:
+    try:
+        with open(_running_file(node.workerinput["testrunuid"], node.gateway.id), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except (OSError, AttributeError, KeyError):
+        return None
+
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist (controller): a worker went down; when it crashed, name the test it was running."""
+    last = _last_test(node)
+    if error and last:
+        node.config.get_terminal_writer().line(
+            f"[{node.gateway.id}] worker crashed during {last} (its setup, call or teardown)", red=True, bold=True
+        )
+    if last is not None:
+        with contextlib.suppress(OSError):
+            os.remove(_running_file(node.workerinput["testrunuid"], node.gateway.id))

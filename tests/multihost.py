@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from limits import limit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -87,7 +89,7 @@ class Processes:
             if p.poll() is None:
                 p.kill()
         for p in self.procs:
-            p.wait(timeout=60)
+            p.wait(timeout=limit(60))
 
     def signal(self, signum: int, which: Sequence[int] | None = None) -> float:
         """Sends ``signum`` to the processes ``which`` (default all); returns when (``time.monotonic()``)."""
@@ -98,6 +100,7 @@ class Processes:
     def wait_for_step(self, workdir: os.PathLike, step: int, timeout: float = 300) -> int:
         """Waits until ``workdir/metrics.jsonl`` has logged a training step >= ``step``; returns the last one logged.
         Fails if a process ends first or after ``timeout`` seconds."""
+        timeout = limit(timeout)
         path, deadline = pathlib.Path(workdir) / "metrics.jsonl", time.monotonic() + timeout
         while time.monotonic() < deadline:
             steps = [json.loads(line)["step"] for line in _lines(path)]
@@ -111,7 +114,7 @@ class Processes:
 
     def finish(self, timeout: float = 300) -> list[Result]:
         """Waits for every process (killing those still running after ``timeout`` seconds); their results."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit(timeout)
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
             for i, p in enumerate(self.procs):
                 if p.poll() is not None:
@@ -120,7 +123,7 @@ class Processes:
         for i, p in enumerate(self.procs):
             if p.poll() is None:
                 p.kill()
-                p.wait(timeout=60)
+                p.wait(timeout=limit(60))
             self._ended.setdefault(i, time.monotonic())
         return [
             Result(p.returncode, (self.logs / f"p{i}.out").read_text(), (self.logs / f"p{i}.err").read_text(),

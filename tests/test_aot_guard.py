@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from limits import limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.environ.get("WIMFRIS_AOT_SITE", os.path.join(ROOT, ".aot_site"))
@@ -37,7 +38,7 @@ def test_family_compiles_for_a_gpu_with_cudnn_attention(config, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.aot", "--target", "h100", "--config", config, "--batch", "2",
          "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit(1200),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["what"]: r for r in json.loads(out.read_text())["rows"]}

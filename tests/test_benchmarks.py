@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from limits import limit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,7 +14,7 @@ def test_device_check_smoke(tmp_path):
     out = tmp_path / "device_check.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/device_check.py", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=limit(600),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

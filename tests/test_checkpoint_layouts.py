@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from limits import limit
 from toy_model import run_toy_training, toy_config
 
 from wimfris_jax.checkpoints.runs import load_variables
@@ -33,7 +34,8 @@ def _run_worker(*args: str, devices: int) -> dict:
     env.pop("XLA_FLAGS", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
+                          timeout=limit(300))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from limits import limit
 from PIL import Image
 from toy_model import run_toy_training, toy_config
 
@@ -88,8 +89,8 @@ def watched_run(tmp_path_factory):
                 model, variables = load_model(config, str(run))
             loads.append(trainer.poll() is None)  # whether the training was still running after this load
             log += [str(w.message) for w in seen]
-        out, _ = trainer.communicate(timeout=120)
-        p_out, p_err = predictor.communicate(timeout=300)
+        out, _ = trainer.communicate(timeout=limit(120))
+        p_out, p_err = predictor.communicate(timeout=limit(300))
     finally:
         for proc in (trainer, predictor):
             if proc is not None and proc.poll() is None:

@@ -10,6 +10,7 @@ import sys
 
 import ml_collections
 import pytest
+from limits import limit
 
 from wimfris_jax import cli
 from wimfris_jax import config as config_lib
@@ -18,12 +19,11 @@ from wimfris_jax.errors import describe, is_user_error
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (not conftest's 8)
-    return subprocess.run(
-        [sys.executable, "-m", "wimfris_jax.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    command = [sys.executable, "-m", "wimfris_jax.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=limit(timeout), env=env)
 
 
 def _config():
@@ -218,7 +218,8 @@ def tiny_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)
     worker = os.path.join(ROOT, "tests", "test_checkpoint_reads.py")
-    r = subprocess.run([sys.executable, worker, str(run), "1"], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, worker, str(run), "1"], capture_output=True, text=True, timeout=limit(300),
+                       env=env)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run
 

@@ -73,13 +73,21 @@ def test_raw_parsing_agrees_with_tfds_decoding(fake):
         assert ex["sent_id"] == rec["objects"]["refexp"]["refexp_id"][o][0]
 
 
-def test_errors(fake, tmp_path):
+def test_errors(fake, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown ref_coco config"):
         RefCocoTfdsSource("refcoco_umd", "train", os.path.join(fake, "tfds"))
     with pytest.raises(ValueError, match="has splits"):
         RefCocoTfdsSource("refcoco_unc", "test", os.path.join(fake, "tfds"))
-    with pytest.raises(FileNotFoundError, match="build it first"):
+    with pytest.raises(FileNotFoundError) as e:  # the folder looked in, the split, the build command, the docs
         RefCocoTfdsSource("refcocog_umd", "train", str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"ref_coco/refcocog_umd split 'train' is not prepared in {tmp_path} (") and "\n" not in msg
+    assert f"python -m data_pipeline.build_tfds build --config refcocog_umd --data-dir {tmp_path}" in msg
+    assert "docs/DATA.md, section 2b" in msg
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "default"))  # config.data.data_dir unset: tfds's default
+    monkeypatch.setattr("tensorflow_datasets.core.constants.DATA_DIR", str(tmp_path / "default"))
+    with pytest.raises(FileNotFoundError, match=f"is not prepared in {tmp_path / 'default'} \\(tfds's default"):
+        RefCocoTfdsSource("refcocog_umd", "validation", None)
     with pytest.raises(FileNotFoundError, match="refcoco.json missing"):
         build("refcoco_unc", str(tmp_path / "out"), str(tmp_path))
 

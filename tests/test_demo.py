@@ -1,5 +1,6 @@
-"""``wimfris demo --quick`` end to end, as a user runs it (a subprocess, one CPU device), then ``wimfris eval`` and
-``wimfris predict`` on the checkpoint it leaves: the README's first-command path."""
+"""``wimfris demo --quick`` end to end, as a user runs it (a subprocess, one CPU device, in a fresh folder with the
+default workdir), run again (refused with the ways on) and resumed, then ``wimfris eval`` and ``wimfris predict`` on
+the checkpoint it leaves: the README's first-command path."""
 
 import json
 import os
@@ -9,26 +10,30 @@ import sys
 
 import numpy as np
 import pytest
+from limits import limit
 from PIL import Image
 
 from wimfris_jax import cli
+from wimfris_jax.demo import default_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo") / "run"
+def wimfris(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    """The ``wimfris`` console script as a user runs it (the module when not installed), one CPU device."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's machine: one CPU device
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    # the console script when installed (pip install -e ., as CI and the README do), else the module
     command = [shutil.which("wimfris")] if shutil.which("wimfris") else [sys.executable, "-m", "wimfris_jax.cli"]
-    r = subprocess.run(
-        [*command, "demo", "--quick", "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
-    )  # fmt: skip
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=limit(300), env=env,
+                          cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    r = wimfris("demo", "--quick", cwd=str(folder))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return workdir, r.stdout
+    return folder / "wimfris_demo_quick", r.stdout
 
 
 @pytest.mark.slow
@@ -39,7 +44,11 @@ def test_demo_quick_writes_results_grid_and_checkpoint(demo_run):
     assert true["n"] == swapped["n"] == 16  # configs/demo.py quick: 16 validation scenes
     for r in (true, swapped):
         assert all(0.0 <= r[k] <= 1.0 for k in ("mIoU", "oIoU", "Prec@0.5", "Prec@0.9"))
-    assert summary["steps"] == 10 and summary["target_met"] in (True, False)
+    assert summary["steps"] == 10 and summary["target_met"] is None  # a smoke run has no target: it says what it proved
+    smoke = summary["smoke"]
+    assert smoke["checkpoint_step"] == 10 and smoke["loss_fell"] == (smoke["loss_last"] < smoke["loss_first"])
+    assert "smoke run (no quality target at this size): trained 10 steps, training loss" in stdout
+    assert "target" not in stdout.replace("no quality target", "")
     assert "val (true sentences)" in stdout and "val (swapped sentences)" in stdout and "wimfris predict" in stdout
     grid = np.asarray(Image.open(summary["grid"]))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] > 300 and grid.shape[1] > 500
@@ -73,3 +82,30 @@ def test_predict_on_demo_checkpoint(demo_run, tmp_path, capsys):
         mask = np.asarray(Image.open(tmp_path / "out" / f"{stem}_mask.png"))
         assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
         assert np.asarray(Image.open(tmp_path / "out" / f"{stem}_overlay.png")).shape == (*shape, 3)
+
+
+def test_default_workdirs_differ_per_demo():
+    """The README's demo commands (WIMFRIS, then TFANet and VIPA with --config) each get their own workdir."""
+    names = [default_workdir(c, q) for c in (None, "configs/tfanet_tiny.py", "configs/vipa_tiny.py:quick")
+             for q in (False, True)]  # fmt: skip
+    assert names == ["wimfris_demo", "wimfris_demo_quick", "wimfris_demo_tfanet", "wimfris_demo_tfanet_quick",
+                     "wimfris_demo_vipa", "wimfris_demo_vipa_quick"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_rerun_says_how_to_go_on_and_resume_scores_again(demo_run):
+    workdir, _ = demo_run
+    before = json.loads((workdir / "demo_results.json").read_text())
+    r = wimfris("demo", "--quick", cwd=str(workdir.parent))
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.startswith("wimfris demo")]
+    assert lines == [
+        "wimfris demo: error: wimfris_demo_quick already holds a demo run (checkpoint at step 10): `wimfris demo "
+        "--quick --workdir wimfris_demo_quick --resume` continues it (or scores it again), `rm -r wimfris_demo_quick` "
+        "starts over, `--workdir NEW_DIR` runs beside it"
+    ], r.stderr[-3000:]
+    r = wimfris("demo", "--quick", "--resume", cwd=str(workdir.parent))  # finished: nothing trains, scores again
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = json.loads((workdir / "demo_results.json").read_text())
+    assert after["results"] == before["results"] and after["smoke"]["checkpoint_step"] == 10
+

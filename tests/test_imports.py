@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from limits import limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("wimfris_jax", "data_pipeline", "port_weights", "configs")
@@ -244,7 +245,7 @@ def test_no_private_name_imported_across_modules():
 def test_wimfris_jax_does_not_import_torch(statement):
     program = f"import sys\n{statement}\nloaded = sorted(m for m in ('torch', 'tensorflow') if m in sys.modules)\n"
     program += "assert not loaded, loaded\n"
-    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=limit(300))
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -264,7 +265,7 @@ def test_tokenizer_without_torch_prints_no_transformers_notice():
     """transformers logs "PyTorch was not found. Models won't be available ..." when imported without torch; we
     use its tokenizer only, so the tokenizer drops that one message, and nothing else."""
     run = subprocess.run(
-        [sys.executable, "-c", TOKENIZER_WITHOUT_TORCH], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", TOKENIZER_WITHOUT_TORCH], cwd=ROOT, capture_output=True, text=True, timeout=limit(300)
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "PyTorch was not found" not in run.stderr

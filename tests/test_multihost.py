@@ -26,6 +26,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from limits import limit
 from multihost import ROOT, Processes, Result, sets
 from small_model import SMALL_MODEL
 
@@ -68,7 +69,7 @@ def _act(workdir: str, cache: str, logs: str, *, resume: bool, after: int, signu
     with Processes([*argv, *(["--resume"] if resume else [])], 2, logs, env={"JAX_COMPILATION_CACHE_DIR": cache}) as ps:
         logged = ps.wait_for_step(workdir, after)
         at = ps.signal(signum, which)
-        results = ps.finish(timeout=300)
+        results = ps.finish(timeout=limit(300))
     for r in results:
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
     return Run(workdir, logged, at, results, committed_steps(os.path.join(workdir, "checkpoints")),
@@ -120,7 +121,7 @@ def _one_process(*argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "wimfris_jax.cli", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=limit(600))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from limits import limit
 from toy_model import run_toy_training, toy_config
 
 from wimfris_jax import cli
@@ -213,7 +214,7 @@ def _terminated(proc, run) -> tuple[int, str]:
     try:
         _wait_for_a_logged_step(proc, run)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=limit(120))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -253,7 +254,7 @@ def test_wimfris_train_sigterm_then_resume(tmp_path):
                             stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
     step, _ = _terminated(proc, run)
     r = subprocess.run([*command, "--resume", "--set", f"train.steps_per_epoch={step + 1}"], capture_output=True,
-                       text=True, timeout=600, env=_env())  # fmt: skip
+                       text=True, timeout=limit(600), env=_env())  # fmt: skip
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert [row["step"] for row in read_metrics(run) if "train/loss" in row] == list(range(1, step + 2))
     assert committed_steps(run / "checkpoints")[-1] == step + 1
@@ -323,7 +324,7 @@ def test_a_file_size_limit_during_a_save_is_one_line(toy_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)
     r = subprocess.run([sys.executable, __file__, "efbig", str(run), "4096"], capture_output=True, text=True,
-                       timeout=300, env=_env())  # fmt: skip
+                       timeout=limit(300), env=_env())  # fmt: skip
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("train:")]  # no bar
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert lines == [f"wimfris train: error: cannot write to {run} (File too large); training stopped, the last good "

@@ -1,6 +1,6 @@
 """The ``wimfris`` command: train, eval, predict, demo, summary.
 
-    wimfris demo [--workdir W] [--quick] [--config C]    offline: train the tiny model on synthetic shapes
+    wimfris demo [--workdir W] [--quick] [--config C] [--resume]    offline: train the tiny model on synthetic shapes
     wimfris train --config C --workdir W [--resume] [--set KEY=VALUE ...] [--init PREFIX=FILE ...]
     wimfris eval --config C --checkpoint K [--step best|latest|N] --split S[,S...] [--json OUT]
     wimfris predict --checkpoint K [--step best|latest|N] [--config C] --image IMG [IMG ... | FOLDER] --text "..." \
@@ -134,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> None:
     from wimfris_jax.demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick, overrides=args.set, config=args.config)
+    run_demo(args.workdir, quick=args.quick, overrides=args.set, config=args.config, resume=args.resume)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", parents=[common], help="offline demo: train the tiny model on synthetic shapes, ...")
-    p.add_argument("--workdir", default="wimfris_demo", help="run directory (default: ./wimfris_demo)")
-    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run with no quality target")
+    p.add_argument("--workdir", help="run directory (default: ./wimfris_demo, ./wimfris_demo_tfanet for "
+                   "configs/tfanet_tiny.py, ..., with _quick for --quick)")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run: checks, no quality target")
+    p.add_argument("--resume", action="store_true", help="continue the demo run in --workdir (or score it again)")
     p.add_argument("--config", help="another model's demo config, e.g. configs/tfanet_tiny.py (default: WIMFRIS)")
     p.add_argument("--set", **overrides)
     p.set_defaults(func=cmd_demo)

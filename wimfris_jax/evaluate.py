@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
@@ -31,9 +30,8 @@ from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import describe, preprocess_eval
 from data_pipeline.tokenizers import DEFAULT_TOKENIZER
 from wimfris_jax.errors import UserError
-from wimfris_jax.metrics import RefMetrics, postprocess
-
-_FORWARDS: dict[int, tuple[Any, Callable]] = {}  # id(model) -> (model, jitted forward); keeps compiled fns
+from wimfris_jax.inference import forward_fn, predict_batch
+from wimfris_jax.metrics import RefMetrics
 
 
 class EvalError(UserError, ValueError):
@@ -88,21 +86,6 @@ def _transform(settings: Mapping[str, Any], swap_sentences: bool, source: Any) -
     return transform
 
 
-def forward_fn(model: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """Jit-compiled ``(variables, images (B, S, S, 3), ids (B, L)) -> logits (B, h, w)`` in eval mode (cached)."""
-    cached = _FORWARDS.get(id(model))
-    if cached is not None and cached[0] is model:
-        return cached[1]
-
-    def forward(variables: Any, images: jax.Array, ids: jax.Array) -> jax.Array:
-        out = model.apply(variables, images, ids, train=False)
-        return (out["logits"] if isinstance(out, Mapping) else out).astype(jnp.float32)
-
-    fn = jax.jit(forward)
-    _FORWARDS[id(model)] = (model, fn)
-    return fn
-
-
 def _local(variables: Any) -> Any:
     """Variables usable by a jit on this process's devices (global multi-host arrays are gathered)."""
 
@@ -112,14 +95,6 @@ def _local(variables: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map(one, variables)
-
-
-def _pad(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Pads the leading axis to ``size`` by repeating the last record."""
-    n = len(next(iter(batch.values())))
-    if n == size:
-        return dict(batch)
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
 
 
 def evaluate(
@@ -179,18 +154,13 @@ def evaluate(
     counts: list[tuple[int, int]] = []
     with tqdm.tqdm(total=local, desc=desc, disable=not progress or jax.process_index() != 0, leave=False) as bar:
         for batch in loader:
-            n = len(batch["ids"])
-            padded = _pad(batch, batch_size)
-            images, ids = padded["image"], padded["ids"]
-            if batch_sharding is not None:
-                images, ids = jax.device_put((images, ids), batch_sharding)
-            logits = np.asarray(forward(variables, images, ids))[:n]
-            for i in range(n):
-                h, w = (int(s) for s in batch["orig_size"][i])
-                pred = postprocess(logits[i], batch["inv_matrix"][i], (h, w), settings["image_size"])
+            sizes = [(int(h), int(w)) for h, w in batch["orig_size"]]
+            preds = predict_batch(forward, variables, batch["image"], batch["ids"], batch["inv_matrix"], sizes,
+                                  settings["image_size"], batch_size, batch_sharding)  # fmt: skip
+            for i, (pred, (h, w)) in enumerate(zip(preds, sizes)):
                 gt = batch["mask"][i, :h, :w].astype(bool)
                 counts.append((int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())))
-            bar.update(n)
+            bar.update(len(sizes))
 
     metrics = RefMetrics()
     for inter, union in _gather(counts):

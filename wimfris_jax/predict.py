@@ -30,10 +30,10 @@ from data_pipeline.tokenizer import clean
 from data_pipeline.tokenizers import DEFAULT_TOKENIZER, text_ids
 from wimfris_jax.config import load_config, read_run_config
 from wimfris_jax.errors import UserError
-from wimfris_jax.evaluate import data_settings, forward_fn
+from wimfris_jax.evaluate import data_settings
+from wimfris_jax.inference import forward_fn, predict_batch
 from wimfris_jax.io import ensure_writable_dir
 from wimfris_jax.load import load_model
-from wimfris_jax.metrics import postprocess
 from wimfris_jax.visualize import mask_image, overlay, save_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -114,13 +114,9 @@ def _batch_masks(
     """(H_i, W_i) bool masks of ``images`` (at most B uint8 RGB (H_i, W_i, 3)) from one forward call on ``ids``
     (B, L), the batch padded to B by repeating its last image (one compiled shape for every batch)."""
     x = np.stack([normalize(letterbox_image(im, image_size)) for im in images])
-    n, b = len(images), len(ids)
-    if n < b:
-        x = np.concatenate([x, np.repeat(x[-1:], b - n, axis=0)])
-    logits = np.asarray(forward(variables, x, ids))[:n]
     sizes = [im.shape[:2] for im in images]
-    return [postprocess(lg, inverse_letterbox_matrix(h, w, image_size), (h, w), image_size) for (h, w), lg in
-            zip(sizes, logits)]  # fmt: skip
+    inv = [inverse_letterbox_matrix(h, w, image_size) for h, w in sizes]
+    return predict_batch(forward, variables, x, ids[: len(images)], inv, sizes, image_size, len(ids))
 
 
 def predict_stream(
