@@ -23,10 +23,17 @@ Ablation switches (Table 3; docs/TFANET.md "Ablation switches"), as ``--set`` ov
     (d) (b) + MLAM          model.decoder.kind=simple
     (e) (d) + WFDM, full    (none: the defaults)
 
-(``model.level.transformer.num_heads`` sets (c)'s heads, 8 by default.)
+(``model.level.transformer.num_heads`` sets (c)'s heads, 8 by default.) Not a Table 3 row, combinable with them:
+
+    model.level.cfsm_depth=2    CFSMs per level (default 1: eqs. 20-22); 2 stacks them as ReMamber stacks its two
+                                Twister blocks (params "cfsm" kept, "cfsm_1" added): 256.68M instead of 242.28M;
+                                must stay 1 with model.level.mixer=conv
 
 Expected (paper, Table 1): RefCOCO val / testA / testB mIoU 77.84 / 79.42 / 75.16, oIoU 76.54 / 78.24 / 72.86;
-268.46M parameters (the summary prints ours beside it).
+268.46M parameters (the summary prints ours beside it; per Table 4 row and module, with or without the second CFSM:
+docs/TFANET.md "Parameters")::
+
+    python -m wimfris_jax.summary --config configs/tfanet_b.py --set model.level.cfsm_depth=2 --detail level_
 """
 
 from configs import common
@@ -41,10 +48,12 @@ def model_config(*, image_size: int = 480, vision=None, text=None, level=None, d
             word_len=17,  # set from the dataset (configs/common.py DATASETS)
             text=dict(text or {"preset": "l14"}),
             vision=dict(vision or {"preset": "base"}),
-            # attention "mlam" | "transformer" | "none", mixer "cfsm" | "conv": Table 3's switches (docstring)
+            # attention "mlam" | "transformer" | "none", mixer "cfsm" | "conv": Table 3's switches (docstring);
+            # cfsm_depth: CFSMs per level (1 as eqs. 20-22; 2 stacks them as ReMamber's two Twister blocks)
             level={
                 "attention": "mlam",
                 "mixer": "cfsm",
+                "cfsm_depth": 1,
                 "transformer": dict(num_heads=8),
                 **(level or dict(mlam=dict(scales=(1, 3, 5), num_heads=1), fusion=dict(dim=256), cfsm=dict())),
             },

@@ -2,6 +2,8 @@
 same train / eval / predict commands as WIMFRIS (configs/tfanet_tiny.py, its quick variant)."""
 
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 from family_cli import train_eval_predict
 
-from wimfris_jax.config import ConfigError, load_config
+from wimfris_jax import summary
+from wimfris_jax.config import ConfigError, apply_overrides, load_config
 from wimfris_jax.model import build_model, loss_fn, trainable_patterns
 from wimfris_jax.normalization import MEAN, STD
 from wimfris_jax.summary import abstract_params, count_params
@@ -58,6 +61,22 @@ def test_tfanet_b_summary_counts_beside_the_paper():
     # everything trains, as ReMamber, but CLIP's text_projection (768 x 768) and its 12 attention key biases
     assert counts["total"] - counts["trainable"] == 768 * 768 + 12 * 768
     assert abs(counts["total"] / config.model.paper_params - 1) < 0.15  # 268.46M in the paper
+    assert round(counts["total"] / 1e6, 2) == 242.28  # docs/TFANET.md "Parameters"
+
+
+def test_tfanet_b_second_cfsm_through_the_summary(capsys):
+    """``--set model.level.cfsm_depth=2`` adds one CFSM per level, the size of the first (``--detail`` shows them):
+    256.68M, the figure docs/TFANET.md "Parameters" gives."""
+    summary.main(["--config", "configs/tfanet_b.py", "--set", "model.level.cfsm_depth=2", "--detail", "level_"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(\S+)\s+([\d,]+)\s+[\d.]+$", out, re.M))
+    count = {name: int(n.replace(",", "")) for name, n in rows.items()}
+    assert "with model.level.cfsm_depth=2" in out
+    for i in range(4):
+        assert count[f"level_{i}/cfsm_1"] == count[f"level_{i}/cfsm"] > 0
+    assert count["level_3/cfsm"] == 9_100_840  # C = 1024: 3C -> C reduce, SS2D at C, channel scan over 15 x 15
+    added = sum(count[f"level_{i}/cfsm_1"] for i in range(4))
+    assert added == 14_399_528 and count["total"] == 242_276_293 + added  # 256.68M against the paper's 268.46M
 
 
 def test_bad_family_is_one_line():
@@ -89,13 +108,18 @@ def _switched(attention, mixer, kind):
     return config, build_model(config.model)
 
 
+def _abstract(model: nn.Module) -> tuple[dict, dict]:
+    """(params, outputs) of ``model`` on 2 x 64 px images and IDS, as shapes (jax.eval_shape: nothing computed)."""
+    images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, IDS, train=False), images)["params"]
+    return params, jax.eval_shape(lambda p, x: model.apply({"params": p}, x, IDS, train=False), params, images)
+
+
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_ablation_rows_build_with_their_parameters(row):
     attention, mixer, kind = ROWS[row]
     _, model = _switched(attention, mixer, kind)
-    images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, IDS, train=False), images)["params"]
-    out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, IDS, train=False), params, images)
+    params, out = _abstract(model)
     assert out["logits"].shape == (2, 16, 16) and out["scores"].shape == (2, 16, 16, 2)
     expect = {"fusion", mixer} | ({attention} if attention != "none" else set())
     assert all(set(params[f"level_{i}"]) == expect for i in range(4))
@@ -132,6 +156,44 @@ def test_bad_ablation_switch_is_one_line(where, key, value, choices):
     with pytest.raises(ConfigError) as err:
         build_model(config.model)
     assert str(err.value) == f"config.model.{where}.{key}={value!r}: choose one of {choices}"
+
+
+def test_cfsm_depth_stacks_blocks_named_after_the_first():
+    """``level.cfsm_depth`` n: "cfsm", "cfsm_1", ... per level, each shaped as the first; nothing else changes."""
+    config = load_config(QUICK)
+    one, _ = _abstract(build_model(config.model))
+    config.model.level.cfsm_depth = 3
+    three, out = _abstract(build_model(config.model))
+    assert out["logits"].shape == (2, 16, 16)
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    for i in range(4):
+        level = three[f"level_{i}"]
+        assert set(level) == {"mlam", "fusion", "cfsm", "cfsm_1", "cfsm_2"}
+        assert shapes(level["cfsm_1"]) == shapes(level["cfsm_2"]) == shapes(one[f"level_{i}"]["cfsm"])
+        assert shapes({k: level[k] for k in ("mlam", "fusion", "cfsm")}) == shapes(one[f"level_{i}"])
+    cfsms = sum(size(one[f"level_{i}"]["cfsm"]) for i in range(4))
+    assert size(three) - size(one) == 2 * cfsms > 0
+
+
+@pytest.mark.parametrize(
+    "level, message",
+    [
+        (dict(cfsm_depth=0), "config.model.level.cfsm_depth=0: must be a positive integer"),
+        (dict(mixer="conv", cfsm_depth=2),
+         "config.model.level.cfsm_depth=2: must be 1 with level.mixer='conv' (one conv layer)"),
+    ],
+)  # fmt: skip
+def test_bad_cfsm_depth_is_one_line(level, message):
+    """The builder refuses it, and so does ``--set`` (config validation) with the same line."""
+    config = load_config(QUICK)
+    config.model.level.update(level)
+    with pytest.raises(ConfigError) as err:
+        build_model(config.model)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(load_config(QUICK), [f"model.level.{k}={v}" for k, v in level.items()])
+    assert str(err.value) == message
 
 
 def test_transformer_attention_ignores_padded_words():

@@ -237,3 +237,33 @@ def test_end_to_end_gradients_and_fit():
         params, state = update(params, state, grads)
         (loss, _), grads = grad_fn(params, words)
     assert float(loss) < 0.5 * float(first), (float(first), float(loss))
+
+
+def test_stacked_cfsms_read_the_updated_visual_part():
+    """``cfsm_depth=2`` (ReMamber's two Twister blocks): CFSM_2 reads F_Block with F_F^1 added to its visual part
+    (channels C..2C of [E(F_VL), F_LV, F_c]) and the unit returns F_F^1 + F_F^2; "cfsm" keeps its name, so depth 1
+    with the same first-block parameters gives F_F^1."""
+    visual, words, pad = _inputs()
+    c = visual.shape[-1]
+    variables, _ = _build(TFANetLevel(cfsm_depth=2, **SMALL), visual, words, pad)
+    p = variables["params"]
+    assert set(p) == {"mlam", "fusion", "cfsm", "cfsm_1"}
+    cfsm = CFSM(features=c, **SMALL["cfsm"])
+
+    @jax.jit
+    def run(p):
+        deep, _ = TFANetLevel(cfsm_depth=2, **SMALL).apply({"params": p}, visual, words, pad)
+        first = {k: p[k] for k in ("mlam", "fusion", "cfsm")}
+        one, _ = TFANetLevel(**SMALL).apply({"params": first}, visual, words, pad)
+        f_lv, f_vl = MLAM(**SMALL["mlam"]).apply({"params": p["mlam"]}, visual, words, pad)
+        block = FusionBlock(**SMALL["fusion"]).apply({"params": p["fusion"]}, f_lv, f_vl, pad)
+        f_1 = cfsm.apply({"params": p["cfsm"]}, block)
+        f_2 = cfsm.apply({"params": p["cfsm_1"]}, block.at[..., c : 2 * c].add(f_1))
+        stale = cfsm.apply({"params": p["cfsm_1"]}, block)  # the second block on the unchanged visual part
+        return deep, one, f_1, f_2, stale
+
+    deep, one, f_1, f_2, stale = run(p)
+    np.testing.assert_allclose(one, f_1, atol=1e-5)
+    np.testing.assert_allclose(deep, f_1 + f_2, atol=1e-5)
+    assert float(jnp.abs(deep - one).mean()) > 0.1 * float(jnp.abs(one).mean())  # the second block counts
+    assert float(jnp.abs(f_2 - stale).max()) > 1e-3  # and it saw F_LV + F_F^1, not F_LV

@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from wimfris_jax import model as model_lib
-from wimfris_jax.config_fields import choice
+from wimfris_jax.config_fields import choice, is_int
 from wimfris_jax.errors import ConfigError, one_line
-from wimfris_jax.family_check import FAMILY_CHECKS, heads_problems, is_int, word_len_problems
+from wimfris_jax.family_check import FAMILY_CHECKS, heads_problems, word_len_problems
 from wimfris_jax.layers import REMAT_MODES
 from wimfris_jax.train.optim import LR_SCHEDULES
 from wimfris_jax.train.step import COMPUTE_DTYPES

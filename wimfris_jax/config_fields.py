@@ -26,3 +26,8 @@ def choice(group: Any, key: str, default: str, choices: Sequence[str], where: st
         name = f"{where}.{key}" if where else key
         raise ConfigError(f"config.{section}.{name}={value!r}: choose one of {sorted(choices)}")
     return value
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 
 from wimfris_jax.backbones.dinov2 import INTERPOLATIONS
-from wimfris_jax.config_fields import choice
+from wimfris_jax.config_fields import choice, is_int
 from wimfris_jax.errors import ConfigError
 from wimfris_jax.neck.wmf import WindowMambaFuser
 from wimfris_jax.tfanet.ablations import TransformerCrossAttention
@@ -29,11 +29,6 @@ WIDTHS = ("dim", "d_model", "width")  # the width a group's num_heads splits: th
 # built-module attribute -> config.model group, where the names differ
 GROUPS = {"text_encoder": "text", "image_encoder": "vision", "text_kwargs": "text_adapter",
           "vision_kwargs": "vision_adapter"}  # fmt: skip
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _fields(node: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ Parameter names: "text_encoder", "image_encoder" (the VMamba's own names, as con
 Ablation switches (Table 3 rows a-e; docs/TFANET.md "Ablation switches"): ``level.attention`` "mlam" |
 "transformer" | "none", ``level.mixer`` "cfsm" | "conv", ``decoder.kind`` "wfdm" | "simple"
 (:mod:`wimfris_jax.tfanet.ablations`); the defaults build the full model with the same parameter names.
+``level.cfsm_depth`` (default 1, the paper's one CFSM per unit) stacks CFSMs as ReMamber stacks its Twister blocks
+(:mod:`wimfris_jax.tfanet.level`; docs/TFANET.md "Parameters").
 
 Outputs: "logits" (B, S/4, S/4) the foreground logits, "scores" (B, S/4, S/4, out_channels), "state" (B, Ct).
 Decisions where the paper is silent: docs/TFANET.md.
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 
 from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
-from wimfris_jax.config_fields import choice, expand_preset
+from wimfris_jax.config_fields import choice, expand_preset, is_int
 from wimfris_jax.errors import ConfigError
 from wimfris_jax.normalization import to_imagenet
 from wimfris_jax.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
@@ -88,20 +90,26 @@ class TFANet(nn.Module):
 
 def build_tfanet(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> TFANet:
     """The TFANet module for ``config.model`` (configs/tfanet_b.py documents the keys): ``text`` ClipText fields or
-    ``{"preset": "l14"}``, ``vision`` VMamba fields or ``{"preset": "base"}``, ``level`` (``attention``, ``mixer``
-    and the mlam / fusion / cfsm / transformer / conv keyword arguments), ``decoder`` (``kind`` and WFDM's or
-    SimpleDecoder's keyword arguments). ``remat_mode`` rematerialises each VSS block."""
+    ``{"preset": "l14"}``, ``vision`` VMamba fields or ``{"preset": "base"}``, ``level`` (``attention``, ``mixer``,
+    ``cfsm_depth`` and the mlam / fusion / cfsm / transformer / conv keyword arguments), ``decoder`` (``kind`` and
+    WFDM's or SimpleDecoder's keyword arguments). ``remat_mode`` rematerialises each VSS block."""
     cfg = model_config
     text = ClipText(dtype=dtype, **expand_preset(cfg.text, clip_text_config))
     vision = VMamba(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.vision, vmamba_config))
     if int(cfg.image_size) % (4 * 2 ** (len(vision.depths) - 1)):
         raise ConfigError(f"config.model.image_size={cfg.image_size} is not a multiple of the VMamba's total stride")
     raw = dict(cfg.get("level") or {})
-    level = {k: dict(v) for k, v in raw.items() if k not in ("attention", "mixer")}
+    switches = ("attention", "mixer", "cfsm_depth")
+    level = {k: dict(v) for k, v in raw.items() if k not in switches}
     for group in level.values():
         group.update({k: tuple(v) for k, v in group.items() if isinstance(v, list)})
     level["attention"] = choice(raw, "attention", "mlam", ATTENTIONS, "level")
     level["mixer"] = choice(raw, "mixer", "cfsm", MIXERS, "level")
+    depth = level["cfsm_depth"] = raw.get("cfsm_depth", 1)
+    if not is_int(depth) or depth < 1:
+        raise ConfigError(f"config.model.level.cfsm_depth={depth!r}: must be a positive integer")
+    if depth != 1 and level["mixer"] == "conv":
+        raise ConfigError(f"config.model.level.cfsm_depth={depth}: must be 1 with level.mixer='conv' (one conv layer)")
     dec = dict(cfg.decoder)
     if choice(dec, "kind", "wfdm", DECODERS, "decoder") == "simple":
         # WFDM's alpha keys stay in the config so that one override switches the decoder; the simple one has none
