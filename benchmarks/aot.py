@@ -76,13 +76,12 @@ def _abstract_batch(config, batch: int, mesh) -> dict:
 
 def compile_train(config, devices, remat: str, batch: int, dtype: str, fsdp: bool) -> tuple[dict, object]:
     """The train step of ``config`` compiled for ``devices``: (row, compiled)."""
-    model = model_lib.build_model(config.model, remat_mode=remat)
+    model, loss_fn = model_lib.training_model(config, remat)
     mesh = sharding.make_mesh(devices)
     tc = config.train
     tx, schedule = optim.make_optimizer(tc, steps_per_epoch=1000)
     init_fn = functools.partial(init_variables, model, random_batch(config, 1))
     state, shardings = train_state_shapes(init_fn, tx, model_lib.trainable_patterns(config), 0, mesh, fsdp=fsdp)
-    loss_fn = functools.partial(model_lib.loss_fn, config.model)
     step = jit_train_step(make_train_step(model, loss_fn, tx, schedule, compute_dtype=dtype), shardings, mesh)
     row = {"what": "train step", "remat": remat, "resolved_remat": resolve_remat(remat, platform_of(mesh)),
            "global_batch": batch, "devices": len(devices), "fsdp": fsdp}  # fmt: skip

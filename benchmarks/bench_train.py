@@ -60,8 +60,7 @@ def model_and_config(args, remat: str = "none"):
     """(model, loss_fn, config); the toy model when no --config is given."""
     if args.config:
         config = load_config(args.config)
-        model = model_lib.build_model(config.model, remat_mode=remat)
-        return model, functools.partial(model_lib.loss_fn, config.model), config
+        return *model_lib.training_model(config, remat), config
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import toy_model
 

@@ -8,7 +8,7 @@
   neck_taps                     0-based DINOv2 blocks tapped (pre-norm) for the neck: DETRIS's (4, 8) / (8, 16)
   text_adapter                  kind "mta" ("none": off, Table 3b), layers (Table 5), scale 0.2, dim, zero_init_up
   vision_adapter                kind "msa" ("none": off), layers, dim, num_heads, kernels (Table 4), emphasis
-                                (EP, Table 3b), alpha0, dropout; the schema: wimfris_jax/adapters/__init__.py
+                                (EP, Table 3b), alpha0, dropout; the schema: wimfris_jax/families/wimfris/adapters/__init__.py
   mamba                         Mamba sizes shared by MTA and WMF (d_state, d_conv, expand, scan_impl)
   neck                          kind "hmf" | "aggregate" | "none" | "detris" (Table 1), dim C, window
                                 (2, 4, 8, 16; None or 0 = one window over the map, Table 3a), wmf (gate_heads)

@@ -40,7 +40,7 @@ from configs import common
 
 
 def model_config(*, image_size: int = 480, vision=None, text=None, level=None, decoder=None):
-    """config.model of TFANet (``family = "tfanet"``; wimfris_jax/tfanet/model.py reads it)."""
+    """config.model of TFANet (``family = "tfanet"``; wimfris_jax/families/tfanet/model.py reads it)."""
     return common.ml_collections.ConfigDict(
         dict(
             family="tfanet",

@@ -127,7 +127,8 @@ def _adapter_common(src: str, dst: str, conv: Callable) -> list[Rule]:
 def dense_aligner_rules(
     src: str = r"dinov2\.blocks\.(\d+)\.adapter\.", dst: str = r"vision_adapter_\1", num_heads: int = 8
 ) -> list[Rule]:
-    """Dense Aligners (:class:`wimfris_jax.adapters.detris.DenseAligner`): ``src`` is a regex with one group (the
+    """Dense Aligners (:class:`wimfris_jax.families.wimfris.adapters.detris.DenseAligner`): ``src`` is a regex with
+    one group (the
     block index), ``dst`` the adapter's path template (e.g. ``vision_adapter_\\1``)."""
     rules = _adapter_common(src, dst, conv2d)
     rules += mha_rules(src + r"cross\.multihead_attn\.", rf"{dst}/cross/multihead_attn", num_heads)
@@ -139,12 +140,14 @@ def dense_aligner_rules(
 def text_adapter_rules(
     src: str = r"txt_backbone\.transformer\.resblocks\.(\d+)\.adapter\.", dst: str = r"text_adapter_\1"
 ) -> list[Rule]:
-    """D-MoC text adapters (:class:`wimfris_jax.adapters.detris.TextAdapter`); ``src``/``dst`` as above."""
+    """D-MoC text adapters (:class:`wimfris_jax.families.wimfris.adapters.detris.TextAdapter`); ``src``/``dst`` as
+    above."""
     return _adapter_common(src, dst, conv1d)
 
 
 def neck_rules(src: str = "neck.", dst: str = "neck", num_heads: int = 8) -> list[Rule]:
-    """The DETRIS neck (:class:`wimfris_jax.neck.detris.DetrisNeck`) at ``src`` (a plain prefix) -> ``dst``."""
+    """The DETRIS neck (:class:`wimfris_jax.families.wimfris.neck.detris.DetrisNeck`) at ``src`` (a plain prefix) ->
+    ``dst``."""
     s = re.escape(src)
     rules = []
     for k in (3, 4, 5):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wimfris_jax.adapters.msa import MultiScaleAligner, RFMixer, logit
-from wimfris_jax.adapters.mta import MambaTextAdapter
+from wimfris_jax.families.wimfris.adapters.msa import MultiScaleAligner, RFMixer, logit
+from wimfris_jax.families.wimfris.adapters.mta import MambaTextAdapter
 from wimfris_jax.ssm.mamba import Mamba
 
 KEY = jax.random.PRNGKey(0)

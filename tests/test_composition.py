@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from wimfris_jax.neck import WindowMambaFuser
+from wimfris_jax.families.wimfris.neck import WindowMambaFuser
 from wimfris_jax.ssm import Mamba, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]

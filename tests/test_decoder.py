@@ -12,7 +12,7 @@ import pytest
 
 from port_weights.common import ConversionError, convert
 from port_weights.detris import IGNORE, decoder_rules, projector_rules
-from wimfris_jax.decoder import Decoder, Projector, dynamic_conv, pos1d, pos2d
+from wimfris_jax.families.wimfris.decoder import Decoder, Projector, dynamic_conv, pos1d, pos2d
 
 
 class Head(nn.Module):

@@ -246,7 +246,7 @@ def test_summary_reports_the_official_counts(capsys):
     assert count("Dense Aligner") == 2_297_376
     assert count("text adapter (D-MoC)") == 418_320
     assert count("neck") == 10_114_560 and count("decoder") == 7_899_136 and count("projector") == 4_788_737
-    # the official code trains 25,518,129; 1,581,072 of them cannot learn (wimfris_jax.model.UNTRAINABLE: the text
+    # the official code trains 25,518,129; 1,581,072 of them cannot learn (the family row's untrainable list: the text
     # gates' query/key weights, 3 x 2 x (1024 x 1024 + 1024) - conv biases before BatchNorm - key biases)
     assert count("trainable") == 25_518_129 - 1_581_072
     assert count("text backbone") == 63_428_097 - 1  # without logit_scale

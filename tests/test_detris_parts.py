@@ -9,8 +9,8 @@ import pytest
 
 from port_weights.common import ConversionError, convert
 from port_weights.detris import IGNORE, dense_aligner_rules, neck_rules, text_adapter_rules
-from wimfris_jax.adapters.detris import DenseAligner, TextAdapter
-from wimfris_jax.neck.detris import DetrisNeck, coord_features
+from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, TextAdapter
+from wimfris_jax.families.wimfris.neck.detris import DetrisNeck, coord_features
 
 torch = pytest.importorskip("torch")
 

@@ -3,7 +3,7 @@ the family's own loss, in train mode, on a random batch.
 
 A weight that nothing downstream of the loss reads (or a dead point such as two zero-initialised matrices that only
 multiply each other) sits in the optimiser forever; this is the test that finds one. Each family either uses such a
-weight as its paper does or lists it in :data:`wimfris_jax.model.UNTRAINABLE` (never trained, with the reason);
+weight as its paper does or lists it in :data:`the family row's untrainable list` (never trained, with the reason);
 the test checks that those really cannot learn: their gradient is zero or rounding noise.
 """
 
@@ -59,4 +59,4 @@ def test_every_trainable_parameter_gets_a_gradient(path):
     assert not dead, f"{len(dead)} of {len(trains)} trainable leaves get no gradient: {dead}"
     top = max(grads.values())
     learns = sorted(k for k in set(grads) - trains if grads[k] > 1e-6 * top)  # not rounding noise
-    assert not learns, f"listed as untrainable (wimfris_jax.model.UNTRAINABLE) but learn: {learns}"
+    assert not learns, f"listed as untrainable (the family row's untrainable list) but learn: {learns}"

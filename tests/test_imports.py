@@ -95,9 +95,8 @@ def import_graph(known: dict[str, str], lazy: bool = True) -> dict[str, set[str]
 # module and its submodules ("wimfris_jax.train" is the package and everything in it).
 COMMANDS = ("wimfris_jax.cli", "wimfris_jax.demo", "wimfris_jax.evaluate", "wimfris_jax.predict", "wimfris_jax.load")
 MODEL = (
-    "wimfris_jax.model", "wimfris_jax.tfanet", "wimfris_jax.vipa", "wimfris_jax.backbones", "wimfris_jax.adapters",
-    "wimfris_jax.neck", "wimfris_jax.decoder", "wimfris_jax.ssm", "wimfris_jax.layers", "wimfris_jax.attention",
-    "wimfris_jax.losses", "wimfris_jax.normalization",
+    "wimfris_jax.model", "wimfris_jax.families", "wimfris_jax.vipa", "wimfris_jax.backbones", "wimfris_jax.ssm",
+    "wimfris_jax.layers", "wimfris_jax.attention", "wimfris_jax.losses", "wimfris_jax.normalization",
 )  # fmt: skip
 LAYERS = [
     *((m, ("data_pipeline",), "the model never imports the data pipeline") for m in MODEL),

@@ -9,14 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from wimfris_jax.losses import (
-    contrastive_loss,
-    dice_loss,
-    nearest_indices,
-    wimfris_loss,
-    window_alignment_loss,
-    window_targets,
-)
+from wimfris_jax.families.wimfris.losses import wimfris_loss, window_alignment_loss, window_targets
+from wimfris_jax.losses import bce_loss, dice_loss, nearest_indices
 
 L3 = math.log(3.0)  # sigmoid(L3) = 0.75, sigmoid(-L3) = 0.25
 # Sample 0 of the running example: logits -> probabilities [[0.75, 0.25], [0.5, 0.75]].
@@ -29,7 +23,7 @@ def test_contrastive_loss_by_hand():
     # Sample 1: four pixels at p = .5: ln 2 each.
     s0 = 2 * math.log(4 / 3) + math.log(2) + 0.5 * math.log(16 / 3)  # 2.10549954
     want = (s0 + 4 * math.log(2)) / 8  # 0.60976103
-    assert float(contrastive_loss(LOGITS, MASK)) == pytest.approx(want, abs=1e-6)
+    assert float(bce_loss(LOGITS, MASK)) == pytest.approx(want, abs=1e-6)
     assert want == pytest.approx(0.60976103, abs=1e-7)
 
 
@@ -39,7 +33,7 @@ def test_contrastive_loss_matches_torch_bce_with_logits():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(3, 8, 8)).astype(np.float32) * 4, rng.uniform(size=(3, 8, 8)).astype(np.float32)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(x), torch.from_numpy(y))
-    assert float(contrastive_loss(x, y)) == pytest.approx(float(ref), abs=1e-6)
+    assert float(bce_loss(x, y)) == pytest.approx(float(ref), abs=1e-6)
 
 
 def test_dice_loss_by_hand_is_per_sample():
@@ -92,7 +86,7 @@ def test_wimfris_loss_combines_terms():
     wl = np.array([[L3, -L3, 0.0, L3], [0.0, 0.0, 0.0, 0.0]], np.float32)  # grid (2, 2), window (1, 1)
     fn = jax.jit(functools.partial(wimfris_loss, grid=(2, 2), window=(1, 1)))
     total, parts = fn({"logits": LOGITS, "window_logits": wl}, mask)
-    con, dice = float(contrastive_loss(LOGITS, MASK)), float(dice_loss(LOGITS, MASK))
+    con, dice = float(bce_loss(LOGITS, MASK)), float(dice_loss(LOGITS, MASK))
     # Window targets = MASK >= .5 -> [[1, 0, 1, 1], [0, 0, 0, 0]]: -ln .75, -ln .75, -ln .5, -ln .75; 4 x ln 2.
     align = (3 * math.log(4 / 3) + math.log(2) + 4 * math.log(2)) / 8
     assert float(parts["loss_con"]) == pytest.approx(0.60976103, abs=1e-6)

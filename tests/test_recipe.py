@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wimfris_jax.adapters.detris import DenseAligner
-from wimfris_jax.adapters.msa import MultiScaleAligner, logit
 from wimfris_jax.config import load_config
+from wimfris_jax.families.wimfris.adapters.detris import DenseAligner
+from wimfris_jax.families.wimfris.adapters.msa import MultiScaleAligner, logit
 
 WIDTH, TEXT_DIM, GRID, PREFIX, WORDS = 768, 512, (4, 4), 5, 7  # DINOv2-B/14 + 4 registers, CLIP B/16 words
 

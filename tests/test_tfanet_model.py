@@ -13,10 +13,10 @@ from family_cli import train_eval_predict
 
 from wimfris_jax import summary
 from wimfris_jax.config import ConfigError, apply_overrides, load_config
+from wimfris_jax.families.tfanet.ablations import TransformerCrossAttention
 from wimfris_jax.model import build_model, loss_fn, trainable_patterns
 from wimfris_jax.normalization import MEAN, STD
 from wimfris_jax.summary import abstract_params, count_params
-from wimfris_jax.tfanet.ablations import TransformerCrossAttention
 
 QUICK = "configs/tfanet_tiny.py:quick"
 
@@ -55,7 +55,7 @@ def test_tfanet_outputs_parameters_and_loss():
 
 def test_tfanet_b_summary_counts_beside_the_paper():
     config = load_config("configs/tfanet_b.py")
-    counts = count_params(abstract_params(config.model), trainable_patterns(config))
+    counts = count_params(abstract_params(config.model), trainable_patterns(config), config.model)
     assert 123e6 < counts["text backbone"] < 124e6  # CLIP ViT-L/14 text tower
     assert 87e6 < counts["vision backbone"] < 88e6  # VMamba-B v2 (0229) without its classifier
     # everything trains, as ReMamber, but CLIP's text_projection (768 x 768) and its 12 attention key biases

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from wimfris_jax.tfanet import (
+from wimfris_jax.families.tfanet import (
     CFSM,
     MLAM,
     WFDM,

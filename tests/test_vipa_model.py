@@ -112,12 +112,12 @@ def test_bad_switch_is_one_line(key, value, message):
 
 def test_vipa_b_summary_counts():
     config = load_config("configs/vipa_b.py")
-    counts = count_params(abstract_params(config.model), trainable_patterns(config))
+    counts = count_params(abstract_params(config.model), trainable_patterns(config), config.model)
     assert 86e6 < counts["vision backbone"] < 88e6  # Swin-B without its classifier
     assert 109e6 < counts["text backbone"] < 110e6  # BERT-base with its pooler
-    # everything trains but what cannot learn (wimfris_jax.model.UNTRAINABLE): BERT's pooler (768 x 768 + 768) and
+    # everything trains but what cannot learn (the family row's untrainable list): BERT's pooler (768 x 768 + 768) and
     # the last stage's gate (2 x 1024 x 1024) the largest
-    assert counts["VEG (VIPA)"] > 0 and counts["total"] - counts["trainable"] == 2_720_512
+    assert counts["VEG"] > 0 and counts["total"] - counts["trainable"] == 2_720_512
 
 
 def test_wordpiece_ids_and_imagenet_statistics_reach_the_model():

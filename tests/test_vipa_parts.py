@@ -13,7 +13,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from wimfris_jax.config import ConfigError
-from wimfris_jax.losses import contrastive_loss, dice_loss
+from wimfris_jax.losses import bce_loss, dice_loss
 from wimfris_jax.train.optim import make_optimizer
 from wimfris_jax.vipa.decoder import VipaDecoder
 from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion, instance_norm
@@ -134,7 +134,7 @@ def test_vipa_loss_parts():
     mask = (rand(3, B, 8, 8) > 0).astype(jnp.float32)
     loss, parts = vipa_loss(logits, glob, mask, (1.0, 2.0, 0.5))
     fg = to_mask_size(logits, mask)
-    want = contrastive_loss(fg, mask) + 2 * dice_loss(fg, mask) + 0.5 * contrastive_loss(to_mask_size(glob, mask), mask)
+    want = bce_loss(fg, mask) + 2 * dice_loss(fg, mask) + 0.5 * bce_loss(to_mask_size(glob, mask), mask)
     np.testing.assert_allclose(loss, want, rtol=1e-6)
     assert set(parts) == {"loss_bce", "loss_dice", "loss_pixel_contrast"}
     _, parts = vipa_loss(logits, glob, mask, (1.0, 1.0, 0.0))  # Table VIII "w/o supervision"

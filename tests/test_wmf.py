@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wimfris_jax.losses import window_targets
-from wimfris_jax.neck.wmf import WindowMambaFuser, resolve_window, window_partition, window_reverse
+from wimfris_jax.families.wimfris.losses import window_targets
+from wimfris_jax.families.wimfris.neck.wmf import WindowMambaFuser, resolve_window, window_partition, window_reverse
 from wimfris_jax.ssm.mamba import Mamba
 
 KEY = jax.random.PRNGKey(0)

@@ -148,33 +148,41 @@ def _pad_to(x: Array, axis: int, length: int, value: Any = 0) -> Array:
 
 
 def padded_attention(query: Array, key: Array, value: Array, mask: Array | None, implementation: str,
-                     multiple: int = CUDNN_PAD) -> Array:  # fmt: skip
+                     multiple: int = CUDNN_PAD, bias: Array | None = None) -> Array:  # fmt: skip
     """``jax.nn.dot_product_attention`` with odd query / key lengths padded up to a multiple of ``multiple``, the
     real lengths given as ``query_seq_lengths`` / ``key_value_seq_lengths`` (padded keys get no weight, padded
     queries are cut off), so cuDNN takes it under differentiation. Even lengths run as they are.
 
-    q (B, Tq, H, D), k, v (B, Tk, H, D), mask bool (B|1, H|1, Tq|1, Tk|1) or None -> (B, Tq, H, D)."""
+    q (B, Tq, H, D), k, v (B, Tk, H, D), mask bool (B|1, H|1, Tq|1, Tk|1) or None, bias float of the same shape or
+    None -> (B, Tq, H, D)."""
     b, t, s = query.shape[0], query.shape[1], key.shape[1]
     tp = t if t % 2 == 0 else -(-t // multiple) * multiple
     sp = s if s % 2 == 0 else -(-s // multiple) * multiple
     if mask is not None:  # cuDNN takes a mask as a bias of full (Tq, Tk); padded keys get none
         mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, s))
     if (tp, sp) == (t, s):
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=implementation)
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, implementation=implementation)
     if mask is not None:  # padded query rows may attend (they are cut off), padded keys may not
         mask = _pad_to(_pad_to(mask, 2, tp, True), 3, sp, False)
+    if bias is not None:  # padded keys are excluded by the key lengths; their bias is never read
+        bias = _pad_to(_pad_to(bias, 2, tp), 3, sp)
     out = jax.nn.dot_product_attention(
-        _pad_to(query, 1, tp), _pad_to(key, 1, sp), _pad_to(value, 1, sp), mask=mask,
+        _pad_to(query, 1, tp), _pad_to(key, 1, sp), _pad_to(value, 1, sp), bias=bias, mask=mask,
         query_seq_lengths=jnp.full((b,), t, jnp.int32), key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
         implementation=implementation,
     )  # fmt: skip
     return out[:, :t]
 
 
-def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, rate: float) -> Array:
+def _dense(q: Array, k: Array, v: Array, mask: Array | None, rng: Array | None, rate: float,
+           bias: Array | None = None) -> Array:  # fmt: skip
     """Materialised attention with weight dropout (flax's dot_product_attention maths, float32 softmax)."""
     s = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    if bias is not None:
+        s = s + bias.astype(s.dtype)
     if mask is not None:
         s = jnp.where(mask, s, big_neg(s.dtype))
     p = jax.nn.softmax(s, axis=-1)
@@ -189,12 +197,17 @@ def dot_product_attention(
     value: Array,
     mask: Array | None = None,
     *,
+    bias: Array | None = None,
     implementation: str = "auto",
     dropout_rng: Array | None = None,
     dropout_rate: float = 0.0,
     deterministic: bool = True,
 ) -> Array:
-    """Softmax attention (module docstring): (B, Tq, H, D), (B, Tk, H, D), (B, Tk, H, D) -> (B, Tq, H, D)."""
+    """Softmax attention (module docstring): (B, Tq, H, D), (B, Tk, H, D), (B, Tk, H, D) -> (B, Tq, H, D).
+
+    ``bias``: added to the scaled scores (in float32, or float64 for float64 inputs) before the mask and the
+    softmax, broadcastable to (B, H, Tq, Tk): Swin's relative-position bias and shift mask. With a bias the chunked
+    path (which has none) runs as XLA's dense form, and cuDNN pads the bias as it pads the mask."""
     dropout = not deterministic and dropout_rate > 0.0
     if dropout and dropout_rng is None:
         raise ValueError("attention dropout needs a dropout_rng")
@@ -202,14 +215,19 @@ def dot_product_attention(
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape).astype(jnp.promote_types(query.dtype, jnp.float32))
+        impl = "xla" if impl == "chunked" else impl
     if impl == "chunked":
         return chunked_attention(query, key, value, mask, dropout_rng=dropout_rng if dropout else None,
                                  dropout_rate=dropout_rate if dropout else 0.0)
     if impl == "dense":
-        return _dense(query, key, value, mask, dropout_rng, dropout_rate)
+        return _dense(query, key, value, mask, dropout_rng, dropout_rate, bias)
     if impl == "cudnn":
-        return padded_attention(query, key, value, mask, "cudnn").astype(query.dtype)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl).astype(query.dtype)
+        return padded_attention(query, key, value, mask, "cudnn", bias=bias).astype(query.dtype)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                        implementation=impl).astype(query.dtype)  # fmt: skip
 
 
 def attention_fn(implementation: str = "auto"):

@@ -34,7 +34,6 @@ it runs, so that ``wimfris --help`` and argument errors do not load orbax, grain
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -78,14 +77,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         config.train.resume = True
     validate(config, devices=jax.device_count())  # the batch splits over every device; before the workdir is made
     tc = config.train
-    model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
+    model, loss_fn = model_lib.training_model(config)
     eval_fn = make_eval_fn(
         config, model, build_source(config.data, config.data.get("eval_split", "val")),
         batch_size=int(tc.get("eval_batch_size", 0) or tc.global_batch_size), max_examples=tc.get("eval_max_examples"),
     )  # fmt: skip
     init_fn = pretrained_init_fn(model, config, _parse_inits(args.init)) if args.init else None
     state = train(
-        config, args.workdir, model=model, loss_fn=functools.partial(model_lib.loss_fn, config.model),
+        config, args.workdir, model=model, loss_fn=loss_fn,
         eval_fn=eval_fn, init_fn=init_fn,
     )  # fmt: skip
     print(f"trained {int(state.step)} steps; checkpoints, metrics.jsonl and TensorBoard logs in {args.workdir}")

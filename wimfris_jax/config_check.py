@@ -19,7 +19,7 @@ What is checked:
   (:func:`wimfris_jax.model.build_model`: its own checks of adapters, taps, widths, windows and switches), then the
   built module's effective values (presets expanded) are read: every group holding ``num_heads`` and a width
   (``dim``, ``d_model`` or ``width``) must split it evenly (found by walking the module tree, any family); what
-  crosses groups is per family (:mod:`wimfris_jax.family_check`): patch vs image size, stage widths vs heads, ...;
+  crosses groups is per family (:mod:`wimfris_jax.families.checks`): patch vs image size, stage widths vs heads, ...;
   ``word_len`` fits the text tower's position table.
 - data vs model: ``config.data.image_size`` and ``word_len`` equal the model's (the model is built for them).
 - training: batch, epochs, steps, intervals, lr and decay values, the dtype / remat / schedule switches, and every
@@ -36,7 +36,7 @@ from typing import Any
 from wimfris_jax import model as model_lib
 from wimfris_jax.config_fields import choice, is_int
 from wimfris_jax.errors import ConfigError, one_line
-from wimfris_jax.family_check import FAMILY_CHECKS, heads_problems, word_len_problems
+from wimfris_jax.families.checks import heads_problems, word_len_problems
 from wimfris_jax.layers import REMAT_MODES
 from wimfris_jax.train.optim import LR_SCHEDULES
 from wimfris_jax.train.step import COMPUTE_DTYPES
@@ -121,15 +121,14 @@ def model_problems(model: Any) -> list[str]:
     problems = size_problems(model, "model")
     if problems:  # the builders divide by these
         return problems
-    family = model.get("family", "wimfris")
+    row = model_lib.family(model)
     try:
-        module = model_lib.build_model(model)
+        module = row.build(model)
     except ConfigError as e:
         return [str(e)]
     except (TypeError, ValueError, KeyError, AttributeError) as e:  # an unknown field or preset, a missing group
-        return [f"config.model does not build a {family!r} model: {one_line(e)}"]
-    problems = heads_problems(module) + word_len_problems(model, module)
-    return problems + FAMILY_CHECKS[family](model, module)
+        return [f"config.model does not build a {row.name!r} model: {one_line(e)}"]
+    return heads_problems(module) + word_len_problems(model, module) + row.check(model, module)
 
 
 def train_problems(train: Any, devices: int | None = None) -> list[str]:

@@ -33,7 +33,6 @@ score a finished one again), remove it, or another ``--workdir``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -153,7 +152,7 @@ def run_demo(
 def _demo(workdir: str, config: Any, quick: bool, t0: float) -> dict[str, Any]:
     """:func:`run_demo` in its locked workdir; ``t0``: its start (``time.perf_counter``)."""
     tc = config.train
-    model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
+    model, loss_fn = model_lib.training_model(config)
     val = build_source(config.data, "val")
     eval_bs = int(tc.eval_batch_size)
     family = config.model.get("family", "wimfris").upper()
@@ -169,8 +168,7 @@ def _demo(workdir: str, config: Any, quick: bool, t0: float) -> dict[str, Any]:
         return final["true"]
 
     t_train = time.perf_counter()
-    state = train(config, workdir, model=model, loss_fn=functools.partial(model_lib.loss_fn, config.model),
-                  eval_fn=eval_fn)  # fmt: skip
+    state = train(config, workdir, model=model, loss_fn=loss_fn, eval_fn=eval_fn)
     t_train = time.perf_counter() - t_train
     if "variables" not in final:  # resumed at its last step: nothing trained, nothing evaluated yet
         eval_fn(state)

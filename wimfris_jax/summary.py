@@ -1,4 +1,4 @@
-"""Parameter counts of a WIMFRIS config, per group, without allocating the model (``jax.eval_shape``).
+"""Parameter counts of a config, per group, without allocating the model (``jax.eval_shape``).
 
     python -m wimfris_jax.summary --config configs/wimfris_b.py
     python -m wimfris_jax.summary --config configs/tfanet_b.py --set model.decoder.kind=simple --detail level_0
@@ -7,8 +7,9 @@ Groups: frozen text backbone ("text_encoder"), frozen vision backbone ("image_en
 MSA ("msa_*"), neck, decoder, projector; then the trainable total (``config.train.trainable`` patterns),
 the PET total (MTA + MSA, the paper's "Params" of Table 3b) and the total. DETRIS configs show the text
 adapter (D-MoC) and Dense Aligner groups instead of MTA / MSA, and the total as in the official checkpoint.
-Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together). TFANet and VIPA configs add their own
-rows (alignment units; vision fusion, text cross layers, stage norms, VEG). ``--set KEY=VALUE`` overrides the config
+Compare with Table 3b (WIMFRIS-B: MSA 0.8M, MTA 2.2M, 3.0M together). The groups, the header lines and the
+checkpoint-only entries are the family's (its :class:`~wimfris_jax.families.Family` row): TFANet and VIPA configs show
+theirs (alignment units; vision fusion, text cross layers, stage norms, VEG). ``--set KEY=VALUE`` overrides the config
 as ``wimfris train --set`` does (:func:`wimfris_jax.config.apply_overrides`); ``--detail PREFIX`` adds the counts of
 the sub-modules of every top-level module whose name starts with PREFIX (``level_`` -> ``level_0/mlam``, ...).
 """
@@ -21,26 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from wimfris_jax.adapters import ADAPTERS
 from wimfris_jax.checkpoints import expected_variables
 from wimfris_jax.config import apply_overrides, load_config
 from wimfris_jax.io import flatten
-from wimfris_jax.model import build_model, trainable_patterns, vision_fields
+from wimfris_jax.model import build_model, family, trainable_patterns
 from wimfris_jax.paths import path_selected
-
-GROUPS = (
-    ("text backbone", "text_encoder"),
-    ("vision backbone", "image_encoder"),
-    *((a.label, f"{a.prefix}_") for a in ADAPTERS.values()),  # one row per adapter kind
-    ("alignment units (TFANet)", "level_"),
-    ("vision fusion (VIPA)", "vision_fusion_"),
-    ("text cross layers (VIPA)", "text_cross_"),
-    ("stage norms (VIPA)", "stage_norm_"),
-    ("VEG (VIPA)", "veg"),
-    ("neck", "neck"),
-    ("decoder", "decoder"),
-    ("projector", "projector"),
-)
 
 
 def abstract_params(model_config: Any) -> dict[str, Any]:
@@ -48,16 +34,16 @@ def abstract_params(model_config: Any) -> dict[str, Any]:
     return dict(expected_variables(build_model(model_config), model_config)["params"])
 
 
-def count_params(params: Mapping[str, Any], trainable: tuple[str, ...]) -> dict[str, int]:
-    """Counts per group of :data:`GROUPS` (groups the model lacks are left out), plus "PET (adapters)" (the
-    backbone adapters, Table 3b's "Params"; models with adapters only), "trainable" and "total"."""
+def count_params(params: Mapping[str, Any], trainable: tuple[str, ...], model_config: Any = None) -> dict[str, int]:
+    """Counts per group of the family of ``model_config`` (default WIMFRIS; groups the model lacks are left out),
+    its sums (WIMFRIS's "PET (adapters)", Table 3b's "Params"; only when non-zero), "trainable" and "total"."""
+    row = family(model_config or {})
     flat = {k: int(np.prod(v.shape)) for k, v in flatten(params).items()}
-    counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in GROUPS}
+    counts = {name: sum(n for k, n in flat.items() if k.startswith(prefix)) for name, prefix in row.groups()}
     counts = {name: n for name, n in counts.items() if n}
-    labels = {a.label for a in ADAPTERS.values()}
-    adapters = [n for name, n in counts.items() if name in labels]
-    if adapters:
-        counts["PET (adapters)"] = sum(adapters)
+    for name, labels in row.sums().items():
+        if any(label in counts for label in labels):
+            counts[name] = sum(counts.get(label, 0) for label in labels)
     counts["trainable"] = sum(n for k, n in flat.items() if path_selected(k, trainable))
     counts["total"] = sum(flat.values())
     return counts
@@ -74,23 +60,10 @@ def child_counts(params: Mapping[str, Any], prefix: str) -> dict[str, int]:
     return counts
 
 
-def source_only_count(model_config: Any) -> int:
-    """Values of ``config.model.source_only_params``: entries of the source checkpoint (DETRIS's) that the forward
-    never reads and the model does not store (DINOv2's mask_token, CLIP's logit_scale)."""
-    names = tuple(model_config.get("source_only_params", ()))
-    if not names:
-        return 0
-    sizes = {"image_encoder/mask_token": int(vision_fields(model_config)["width"]), "text_encoder/logit_scale": 1}
-    unknown = [n for n in names if n not in sizes]
-    if unknown:
-        raise ValueError(f"config.model.source_only_params: unknown entries {unknown}; known: {sorted(sizes)}")
-    return sum(sizes[n] for n in names)
-
-
 def format_table(counts: Mapping[str, int]) -> str:
     lines = [f"{'group':<28}{'parameters':>14}{'millions':>10}", "-" * 52]
     for name, n in counts.items():
-        if name in ("PET (adapters)", "trainable"):
+        if name == "trainable" or name.startswith("PET"):
             lines.append("-" * 52)
         lines.append(f"{name:<28}{n:>14,}{n / 1e6:>10.3f}")
     return "\n".join(lines)
@@ -110,24 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [prefix for prefix, rows in details.items() if not rows]
     if unknown:
         parser.error(f"--detail {unknown[0]}: no top-level module starts with it; the model has {sorted(params)}")
-    counts = count_params(params, trainable_patterns(config))
-    extra = source_only_count(m)
+    row = family(m)
+    counts = count_params(params, trainable_patterns(config), m)
+    extra = row.source_only(m)
     if extra:
         counts["total as in the checkpoint"] = counts["total"] + extra
     overrides = f" with {' '.join(args.set)}" if args.set else ""
     print(f"{args.config}{overrides}: image {m.image_size}, words {m.word_len}, vision {dict(m.vision)}")
-    for side in ("text", "vision"):
-        if f"{side}_adapter" in m:
-            spec = dict(m[f"{side}_adapter"])
-            kind, layers = spec.pop("kind", "none"), tuple(spec.pop("layers", ()))
-            print(f"{side} adapter: {kind} at layers {layers if kind != 'none' and layers else 'off'}; {spec}")
-    if "neck" in m:
-        window = f", window {m.neck.window}" if m.neck.kind == "hmf" else ""
-        print(f"neck {m.neck.kind}, C={m.neck.dim}{window}")
-    if "level" in m:
-        print(f"alignment units: {m.level.to_dict()}; decoder {m.decoder.to_dict()}")
-    if "veg" in m:
-        print(f"fusion {m.fusion}, text stages {tuple(m.text_stages)}, key-value {m.key_value}; VEG {m.veg.to_dict()}")
+    for line in row.describe(m):
+        print(line)
     print(format_table(counts))
     if m.get("paper_params"):
         total = counts["total"]

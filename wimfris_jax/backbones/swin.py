@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wimfris_jax.attention import dot_product_attention
 from wimfris_jax.backbones.vit import Mlp, gelu_exact, layer_norm
 from wimfris_jax.layers import keep_mask, remat, vit_trunc_normal
 
@@ -120,6 +121,7 @@ class WindowAttention(nn.Module):
     window: int  # the window actually used (<= W)
     shift: int = 0
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -128,15 +130,13 @@ class WindowAttention(nn.Module):
         table = self.param("relative_position_bias_table", vit_trunc_normal, ((2 * self.window_size - 1) ** 2, h))
         win = x.reshape(b, p // w, w, q // w, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, w * w, c)
         dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
-        qh, kh, vh = (dense(n)(win).reshape(*win.shape[:3], h, c // h) for n in ("q", "k", "v"))
-        scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qh, kh) * (c // h) ** -0.5  # (B, nW, heads, T, T)
-        bias = table[relative_position_index(w, self.window_size)].transpose(2, 0, 1)  # (heads, T, T)
-        acc = jnp.promote_types(scores.dtype, jnp.float32)  # bias and mask added in float32 (or float64)
-        scores = scores.astype(acc) + bias.astype(acc)
-        if self.shift > 0:
-            scores = scores + shift_mask(p, q, w, self.shift).astype(acc)[None, :, None]
-        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(vh.dtype)  # softmax in float32
-        y = jnp.einsum("bnhqk,bnkhd->bnqhd", attn, vh).reshape(b, p // w, q // w, w, w, c)
+        n, t = win.shape[1], w * w
+        qh, kh, vh = (dense(name)(win).reshape(b * n, t, h, c // h) for name in ("q", "k", "v"))  # windows as batch
+        bias = table[relative_position_index(w, self.window_size)].transpose(2, 0, 1)[None]  # (1, heads, T, T)
+        if self.shift > 0:  # + the shift mask of each window, (nW, 1, T, T), tiled over the batch
+            bias = jnp.tile(bias + shift_mask(p, q, w, self.shift)[:, None], (b, 1, 1, 1))
+        y = dot_product_attention(qh, kh, vh, bias=bias, implementation=self.attention)  # (B nW, T, heads, d)
+        y = y.reshape(b, p // w, q // w, w, w, c)
         y = nn.Dense(c, dtype=self.dtype, name="proj")(y)
         return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, p, q, c)
 
@@ -152,6 +152,7 @@ class SwinBlock(nn.Module):
     drop_path: float = 0.0
     dtype: Any = None
     remat_mode: str = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -162,7 +163,7 @@ class SwinBlock(nn.Module):
         if shift:
             y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
         attn = remat(WindowAttention, self.remat_mode)
-        y = attn(self.num_heads, self.window_size, win, shift, self.dtype, name="attn")(y)
+        y = attn(self.num_heads, self.window_size, win, shift, self.dtype, self.attention, name="attn")(y)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         rng = (lambda: self.make_rng("dropout")) if train and self.drop_path > 0 else (lambda: None)
@@ -214,11 +215,12 @@ class Stage(nn.Module):
     ln_eps: float = 1e-5
     dtype: Any = None
     remat_mode: str = "none"
+    attention: str = "auto"
 
     def setup(self):
         self.blocks = [
             SwinBlock(self.num_heads, self.window_size, j % 2 == 1, self.mlp_ratio, self.ln_eps, rate, self.dtype,
-                      self.remat_mode)
+                      self.remat_mode, self.attention)
             for j, rate in enumerate(self.drop_paths)
         ]  # fmt: skip
         if self.merge:
@@ -242,8 +244,8 @@ class Swin(nn.Module):
       ``embed(images (B, H, W, 3)) -> (B, ceil(H/p), ceil(W/p), C0)``;
       ``blocks(i, x, train) -> x``: stage i's Swin blocks (same shape, C_i = C0 2^i);
       ``downsample(i, x) -> (B, ceil(h/2), ceil(w/2), 2 C_i)``, i < len(depths) - 1;
-      ``__call__(images, train) -> {"stages": each stage's blocks output before merging (B, h_i, w_i, C_i),
-      "last_hidden_state": layernorm of the last stage (B, h, w, C_last)}``.
+      ``__call__(images, train) -> {"hidden_states": the patch embedding, then each stage's blocks output before
+      merging (B, h_i, w_i, C_i), "last_hidden_state": layernorm of the last stage (B, h, w, C_last)}``.
 
     Attributes:
       embed_dim, depths, num_heads: C0, blocks per stage, heads per stage.
@@ -253,6 +255,8 @@ class Swin(nn.Module):
       dtype: computation dtype (None: float32); parameters stay float32, the softmax runs in float32.
       remat_mode: rematerialisation of each block's attention and MLP, "none" | "block" | "dots"
         (:func:`wimfris_jax.layers.remat`).
+      attention: the windows' softmax attention, relative-position bias and shift mask as its bias
+        (:func:`wimfris_jax.attention.dot_product_attention`: "auto" | "xla" | "cudnn" | "chunked").
     """
 
     embed_dim: int = 128
@@ -265,6 +269,7 @@ class Swin(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = None
     remat_mode: str = "none"
+    attention: str = "auto"
 
     def setup(self):
         if len(self.depths) != len(self.num_heads):
@@ -274,7 +279,7 @@ class Swin(nn.Module):
         self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, self.ln_eps, self.dtype)
         self.layers = [
             Stage(heads, self.window_size, tuple(rates[sum(self.depths[:i]) : sum(self.depths[: i + 1])]), i < n - 1,
-                  self.mlp_ratio, self.ln_eps, self.dtype, self.remat_mode)
+                  self.mlp_ratio, self.ln_eps, self.dtype, self.remat_mode, self.attention)
             for i, heads in enumerate(self.num_heads)
         ]  # fmt: skip
         self.layernorm = layer_norm(self.ln_eps, self.dtype)

@@ -75,8 +75,7 @@ def train(
     """Trains for ``epochs * steps_per_epoch`` steps in total (resuming from ``workdir`` if asked); returns the state.
 
     Args:
-      model: flax module (default ``wimfris_jax.model.build_model(config.model, remat_mode=config.train.remat)``).
-      loss_fn: ``(outputs, mask) -> (loss, aux)`` (default ``wimfris_jax.model.loss_fn`` bound to config.model).
+      model: flax module; loss_fn: ``(outputs, mask) -> (loss, aux)`` (defaults: ``wimfris_jax.model.training_model``).
       train_source: random-access source of raw examples (default: ``build_source(config.data, "train")``).
       eval_fn: ``state -> {"mIoU": ..., ...}`` run every eval_every steps and at the end; ranks ``best/``.
         It must copy what it keeps (``jax.device_get``): the state's buffers are donated to the next step.
@@ -87,10 +86,9 @@ def train(
     """
     tc = config.train
     workdir = os.path.abspath(os.fspath(workdir))
-    if model is None:
-        model = model_lib.build_model(config.model, remat_mode=tc.get("remat", "auto"))
-    if loss_fn is None:
-        loss_fn = functools.partial(model_lib.loss_fn, config.model)
+    if model is None or loss_fn is None:
+        built, bound = model_lib.training_model(config)
+        model, loss_fn = model or built, loss_fn or bound
     if transform is None:  # the ids come from config.data.tokenizer: they must fit the text tower
         check_tokenizer(model, tokenizer_spec(config.data))
     source = train_source if train_source is not None else build_source(config.data, "train")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from wimfris_jax.interpolate import bilinear_resize
-from wimfris_jax.losses import contrastive_loss, dice_loss
+from wimfris_jax.losses import bce_loss, dice_loss
 
 
 def to_mask_size(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -23,9 +23,9 @@ def vipa_loss(
     """logits (B, h, w), global_logits (B, h4, w4), mask (B, Hm, Wm) in [0, 1] -> (scalar, parts)."""
     w_bce, w_dice, w_con = (float(w) for w in weights)
     fg = to_mask_size(logits, mask)
-    parts = {"loss_bce": contrastive_loss(fg, mask), "loss_dice": dice_loss(fg, mask)}
+    parts = {"loss_bce": bce_loss(fg, mask), "loss_dice": dice_loss(fg, mask)}
     loss = w_bce * parts["loss_bce"] + w_dice * parts["loss_dice"]
     if w_con:
-        parts["loss_pixel_contrast"] = contrastive_loss(to_mask_size(global_logits, mask), mask)
+        parts["loss_pixel_contrast"] = bce_loss(to_mask_size(global_logits, mask), mask)
         loss = loss + w_con * parts["loss_pixel_contrast"]
     return loss, parts

@@ -155,7 +155,8 @@ class DenseAligner(nn.Module):
     ) -> jnp.ndarray:
         """x: (B, T, width) = norm2 of the block input, T = num_prefix + h*w; words: (B, L, text_dim).
 
-        ``pad_mask`` (B, L) is part of the vision-adapter protocol (:mod:`wimfris_jax.adapters`) and NOT used:
+        ``pad_mask`` (B, L) is part of the vision-adapter protocol (:mod:`wimfris_jax.families.wimfris.adapters`) and
+        NOT used:
         DETRIS's cross-attention attends to padded words too (docs/detris_code.md), replicated as is."""
         b, t, c = x.shape
         h, w = grid

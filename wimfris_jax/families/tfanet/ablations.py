@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
+from wimfris_jax.families.tfanet.common import valid_words
 from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.layers import torch_default_kernel
-from wimfris_jax.tfanet.common import valid_words
 
 ATTENTIONS = ("mlam", "none", "transformer")
 MIXERS = ("cfsm", "conv")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from wimfris_jax.interpolate import bilinear_resize
-from wimfris_jax.losses import contrastive_loss, dice_loss
+from wimfris_jax.losses import bce_loss, dice_loss
 
 
 def foreground_logits(scores: jnp.ndarray) -> jnp.ndarray:
@@ -33,4 +33,4 @@ def tfanet_loss(
     fg = foreground_logits(scores)
     if fg.shape[1:] != mask.shape[1:]:
         fg = bilinear_resize(fg[..., None], mask.shape[1:], align_corners=True)[..., 0]
-    return bce_weight * contrastive_loss(fg, mask) + dice_weight * dice_loss(fg, mask)
+    return bce_weight * bce_loss(fg, mask) + dice_weight * dice_loss(fg, mask)

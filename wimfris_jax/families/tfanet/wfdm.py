@@ -7,7 +7,7 @@
     logits = Conv_1x1(M_n)                            (B, h_n, w_n, out_channels)
 
 Levels run coarse to fine (M_1 is the coarsest map: Up(M_i) must be able to reach the next level).
-F_LV_i is MLAM's pixel-side output of level i (:mod:`wimfris_jax.tfanet.mlam`): every pixel holds a mixture of
+F_LV_i is MLAM's pixel-side output of level i (:mod:`wimfris_jax.families.tfanet.mlam`): every pixel holds a mixture of
 word values, the "word-level linguistic features derived from the first stage"; delta_i is a 1x1 convolution over
 its flattened (B, N = h'_i w'_i, C'_i) sequence, and omega resizes the kernel map to F_Fi's grid (the identity
 when MLAM and CFSM ran on the same grid, as in the encoder). P_i gives the levels one width D, which eq. (26)'s

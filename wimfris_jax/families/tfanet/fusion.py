@@ -6,7 +6,7 @@
     F~_LV   = E(F_LV) = F_LV                           (B, H, W, C)   eq. (18): already image-sized
     F_Block = [F~_VL, F~_LV, F_c]                      (B, H, W, 3C)  eq. (19)
 
-F_LV lives on the pixels and F_VL on the words (see :mod:`wimfris_jax.tfanet.mlam`). This is ReMamber's
+F_LV lives on the pixels and F_VL on the words (see :mod:`wimfris_jax.families.tfanet.mlam`). This is ReMamber's
 image-text correlation (a per-pixel word-similarity volume turned into C channels by a 3x3 convolution), fed with
 MLAM's outputs instead of the raw features; the block's three parts play the roles of the overview's
 [F_T, F_V, F_f] (Section 3.1) and of ReMamber's [sentence guidance, image, local text]. The word count L must be
@@ -21,8 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.families.tfanet.common import valid_words
 from wimfris_jax.layers import torch_default_kernel
-from wimfris_jax.tfanet.common import valid_words
 
 
 class FusionBlock(nn.Module):

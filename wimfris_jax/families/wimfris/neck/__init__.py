@@ -1,7 +1,7 @@
 """WIMFRIS necks: Hierarchical Mamba Fusion (aggregation + Window Mamba Fuser, eq. 4) and the ablation necks."""
 
-from wimfris_jax.neck.hmf import HMF, NECKS, NoNeck, build_neck
-from wimfris_jax.neck.wmf import WindowMambaFuser, resolve_window, window_partition, window_reverse
+from wimfris_jax.families.wimfris.neck.hmf import HMF, NECKS, NoNeck, build_neck
+from wimfris_jax.families.wimfris.neck.wmf import WindowMambaFuser, resolve_window, window_partition, window_reverse
 
 __all__ = [
     "HMF",

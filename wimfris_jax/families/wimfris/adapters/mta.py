@@ -57,7 +57,8 @@ class MambaTextAdapter(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         """x: (B, L, width) text residual stream (after attention, un-normed) -> (B, L, width). ``train`` is part of
-        the text-adapter protocol (:mod:`wimfris_jax.adapters`); the MTA has no dropout or batch statistics."""
+        the text-adapter protocol (:mod:`wimfris_jax.families.wimfris.adapters`); the MTA has no dropout or batch
+        statistics."""
         if x.ndim != 3 or x.shape[-1] != self.width:
             raise ValueError(f"MambaTextAdapter(width={self.width}) expects (B, L, {self.width}), got {x.shape}")
         x_fc = nn.relu(nn.Dense(self.dim, kernel_init=torch_default_kernel, dtype=self.dtype, name="down")(x))

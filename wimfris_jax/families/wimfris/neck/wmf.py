@@ -2,7 +2,8 @@
 
 The fused visual map f (B, h, w, C) is cut into n_win = (h / wh) * (w / ww) non-overlapping windows of
 M = wh * ww pixels, windows ordered row-major, j = (r // wh) * (w // ww) + (c // ww), pixels row-major inside a
-window (the order of :func:`wimfris_jax.losses.window_targets`). ``window=None`` is one window over the whole
+window (the order of :func:`wimfris_jax.families.wimfris.losses.window_targets`). ``window=None`` is one window over
+the whole
 map (Table 3a's "no partition" row). With s (B, C) the text class token (the sentence feature):
 
     x_j = [s, f_win[j], s]                           (B * n_win, M + 2, C)   all windows batched

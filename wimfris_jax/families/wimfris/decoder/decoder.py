@@ -2,7 +2,8 @@
 
 Source: DETRIS (Huang et al. 2025) ``model/layers.py`` ``Decoder`` / ``DecoderLayer``, restated in
 docs/detris_code.md "Decoder"; WIMFRIS (implementation details): "We leverage the task decoder from DETRIS". Each of
-the pre-norm layers computes, with pos2d/pos1d the fixed encodings of :mod:`wimfris_jax.decoder.position`::
+the pre-norm layers computes, with pos2d/pos1d the fixed encodings of
+:mod:`wimfris_jax.families.wimfris.decoder.position`::
 
     v2 = norm1(v);  v = v + drop(self_attn_norm(MHA(q=k=v2 + pos2d, v=v2)))
     v2 = norm2(v);  v = v + drop(cross_attn_norm(MHA(q=v2 + pos2d, k=words + pos1d, v=words, key padding)))
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.attention import key_padding_mask, multi_head_attention
-from wimfris_jax.decoder.position import pos1d, pos2d
+from wimfris_jax.families.wimfris.decoder.position import pos1d, pos2d
 from wimfris_jax.layers import Dropout, remat
 
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used throughout DETRIS's decoder

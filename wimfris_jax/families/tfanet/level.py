@@ -1,7 +1,7 @@
 """One TFANet alignment unit delta_i of eq. (2): MLAM (KPS) -> fusion block (KPS) -> CFSM (KFS), independent of
 the backbone: it takes one level's map and the words and returns F_i (fed back to the encoder by eq. (3)) and
 F_LV_i (kept for the WFDM of the KIS). ``attention`` and ``mixer`` swap MLAM and CFSM for the ablation stand-ins of
-:mod:`wimfris_jax.tfanet.ablations` (Table 3); the defaults are the paper's unit.
+:mod:`wimfris_jax.families.tfanet.ablations` (Table 3); the defaults are the paper's unit.
 
 ``cfsm_depth`` n > 1 stacks CFSMs as ReMamber stacks its two Twister blocks per level (docs/TFANET.md "Parameters")::
 
@@ -17,10 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.tfanet.ablations import ATTENTIONS, MIXERS, ConvFusion, TransformerCrossAttention
-from wimfris_jax.tfanet.cfsm import CFSM
-from wimfris_jax.tfanet.fusion import FusionBlock
-from wimfris_jax.tfanet.mlam import MLAM
+from wimfris_jax.families.tfanet.ablations import ATTENTIONS, MIXERS, ConvFusion, TransformerCrossAttention
+from wimfris_jax.families.tfanet.cfsm import CFSM
+from wimfris_jax.families.tfanet.fusion import FusionBlock
+from wimfris_jax.families.tfanet.mlam import MLAM
 
 
 class TFANetLevel(nn.Module):

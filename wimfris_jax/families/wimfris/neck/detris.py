@@ -60,7 +60,8 @@ class TextGate(nn.Module):
 class DetrisNeck(nn.Module):
     """DETRIS neck: (3 x (B, h, w, Cv), state (B, Ct)) -> ((B, h, w, dim), None).
 
-    Same call signature as the WIMFRIS necks (:mod:`wimfris_jax.neck.hmf`); the second output (window logits)
+    Same call signature as the WIMFRIS necks (:mod:`wimfris_jax.families.wimfris.neck.hmf`); the second output
+    (window logits)
     is always None.
 
     Attributes:

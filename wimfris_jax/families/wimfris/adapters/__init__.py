@@ -24,9 +24,9 @@ import dataclasses
 
 import flax.linen as nn
 
-from wimfris_jax.adapters.detris import DenseAligner, TextAdapter
-from wimfris_jax.adapters.msa import MultiScaleAligner, RFMixer
-from wimfris_jax.adapters.mta import MambaTextAdapter
+from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, TextAdapter
+from wimfris_jax.families.wimfris.adapters.msa import MultiScaleAligner, RFMixer
+from wimfris_jax.families.wimfris.adapters.mta import MambaTextAdapter
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,9 @@ Parameter names: "text_encoder", "image_encoder" (the VMamba's own names, as con
 
 Ablation switches (Table 3 rows a-e; docs/TFANET.md "Ablation switches"): ``level.attention`` "mlam" |
 "transformer" | "none", ``level.mixer`` "cfsm" | "conv", ``decoder.kind`` "wfdm" | "simple"
-(:mod:`wimfris_jax.tfanet.ablations`); the defaults build the full model with the same parameter names.
+(:mod:`wimfris_jax.families.tfanet.ablations`); the defaults build the full model with the same parameter names.
 ``level.cfsm_depth`` (default 1, the paper's one CFSM per unit) stacks CFSMs as ReMamber stacks its Twister blocks
-(:mod:`wimfris_jax.tfanet.level`; docs/TFANET.md "Parameters").
+(:mod:`wimfris_jax.families.tfanet.level`; docs/TFANET.md "Parameters").
 
 Outputs: "logits" (B, S/4, S/4) the foreground logits, "scores" (B, S/4, S/4, out_channels), "state" (B, Ct).
 Decisions where the paper is silent: docs/TFANET.md.
@@ -35,11 +35,11 @@ from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
 from wimfris_jax.config_fields import choice, expand_preset, is_int
 from wimfris_jax.errors import ConfigError
+from wimfris_jax.families.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
+from wimfris_jax.families.tfanet.level import TFANetLevel
+from wimfris_jax.families.tfanet.losses import foreground_logits, tfanet_loss
+from wimfris_jax.families.tfanet.wfdm import WFDM
 from wimfris_jax.normalization import to_imagenet
-from wimfris_jax.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
-from wimfris_jax.tfanet.level import TFANetLevel
-from wimfris_jax.tfanet.losses import foreground_logits, tfanet_loss
-from wimfris_jax.tfanet.wfdm import WFDM
 
 
 class TFANet(nn.Module):

@@ -28,8 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.families.tfanet.common import valid_words
 from wimfris_jax.layers import torch_default_kernel
-from wimfris_jax.tfanet.common import valid_words
 
 
 def xnorm(x: jnp.ndarray, gamma: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:

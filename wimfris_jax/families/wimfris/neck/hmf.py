@@ -6,7 +6,7 @@ B, 8 and 16 for L, 0-based; see ``neck_taps`` in configs/) -- are concatenated a
 a 1x1 convolution to f_v^c (B, h, w, C), C = 512. Decision: the 1x1 convolution is DETRIS's ``conv_layer``
 (conv without bias + BatchNorm + ReLU), the building block of the DETRIS neck WIMFRIS replaces: the
 pre-norm intermediate maps and the post-norm last map have very different scales, and the BatchNorm
-equalises them per output channel. Then the Window Mamba Fuser (:mod:`wimfris_jax.neck.wmf`).
+equalises them per output channel. Then the Window Mamba Fuser (:mod:`wimfris_jax.families.wimfris.neck.wmf`).
 
 Every neck maps ``(maps: 3 x (B, h, w, Cv), state: (B, C), train) -> (out (B, h, w, C), window_logits)``,
 window_logits (B, n_win) or None:
@@ -15,7 +15,8 @@ window_logits (B, n_win) or None:
 - "aggregate": aggregation only (HMF without WMF),
 - "none": no neck (Table 1 "X"): the last map alone through conv 1x1 + BN + ReLU to C (a width change the
   decoder needs),
-- "detris": the DETRIS neck (Table 1; the neck of DETRIS itself), :class:`wimfris_jax.neck.detris.DetrisNeck`.
+- "detris": the DETRIS neck (Table 1; the neck of DETRIS itself),
+:class:`wimfris_jax.families.wimfris.neck.detris.DetrisNeck`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from wimfris_jax.families.wimfris.neck.detris import DetrisNeck
+from wimfris_jax.families.wimfris.neck.wmf import WindowMambaFuser
 from wimfris_jax.layers import ConvBNReLU
-from wimfris_jax.neck.detris import DetrisNeck
-from wimfris_jax.neck.wmf import WindowMambaFuser
 
 NECKS = ("hmf", "aggregate", "none", "detris")
 
