@@ -14,8 +14,6 @@ collections. ``num_batches_tracked`` is dropped: list :data:`IGNORE` in ``conver
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,7 +35,7 @@ from port_weights.common import (
 from port_weights.protocol import Family, Layout, convert_family, everything
 from wimfris_jax.backbones.dinov2 import dinov2_config
 from wimfris_jax.checkpoints import expected_variables
-from wimfris_jax.config import load_config as load_config_file
+from wimfris_jax.config import resolve_config
 from wimfris_jax.model import build_model
 
 # BatchNorm step counters: PyTorch bookkeeping with no Flax counterpart (momentum is fixed).
@@ -192,16 +190,6 @@ def model_ignore() -> list[str]:
     return IGNORE + dinov2.ignore_patterns("dinov2.") + clip.ignore_patterns("txt_backbone.")
 
 
-def load_config(name_or_path: str | Any) -> tuple[Any, str]:
-    """``(config, name)`` for a config module name under configs/ ("detris_b"), a config file path, or a ConfigDict
-    (returned as is, named "custom")."""
-    if not isinstance(name_or_path, str):
-        return name_or_path, "custom"
-    if name_or_path.endswith(".py"):
-        return load_config_file(name_or_path), os.path.splitext(os.path.basename(name_or_path))[0]
-    return importlib.import_module(f"configs.{name_or_path}").get_config(), name_or_path
-
-
 def detect_layout(state_dict: Mapping[str, Any], source: str = "checkpoint") -> Layout:
     """DETRIS has one layout, the official names (DDP's ``module.`` stripped by :func:`convert_state_dict`)."""
     return Layout("official")
@@ -217,7 +205,7 @@ def infer_config(
         if width not in CONFIGS:
             raise ConversionError(f"{source}: DINOv2 width {width}; DETRIS checkpoints have {sorted(CONFIGS)}")
         config = CONFIGS[width]
-    cfg, name = load_config(config)
+    cfg, name = resolve_config(config)
     return {"name": name, "model": cfg.model}
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import normal
 
 from wimfris_jax.families.wimfris.adapters.msa import MultiScaleAligner, RFMixer, logit
 from wimfris_jax.families.wimfris.adapters.mta import MambaTextAdapter
@@ -14,15 +15,11 @@ from wimfris_jax.ssm.mamba import Mamba
 KEY = jax.random.PRNGKey(0)
 
 
-def _normal(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
-
-
 # ----------------------------------------------------------------------------------------------------- MTA
 def test_mta_is_up_of_mamba_plus_skip():
     """Eq. (1): out = Up(Mamba(ReLU(Down(x))) + ReLU(Down(x)))."""
     mta = MambaTextAdapter(width=16, dim=8, d_state=4)
-    x = _normal(1, (2, 9, 16))
+    x = normal(1, (2, 9, 16))
     params = mta.init(KEY, x)["params"]
     out = mta.apply({"params": params}, x)
     p = params
@@ -37,16 +34,16 @@ def test_mta_is_up_of_mamba_plus_skip():
 def test_mta_is_causal():
     """Changing tokens after position t leaves outputs 0..t unchanged (so trailing padding cannot matter)."""
     mta = MambaTextAdapter(width=16, dim=8, d_state=4)
-    x = _normal(2, (2, 9, 16))
+    x = normal(2, (2, 9, 16))
     params = mta.init(KEY, x)
-    y = x.at[:, 5:].set(_normal(3, (2, 4, 16)))
+    y = x.at[:, 5:].set(normal(3, (2, 4, 16)))
     a, b = mta.apply(params, x), mta.apply(params, y)
     np.testing.assert_array_equal(a[:, :5], b[:, :5])
     assert float(jnp.abs(a[:, 5:] - b[:, 5:]).max()) > 1e-4
 
 
 def test_mta_up_init():
-    x = _normal(4, (2, 9, 16))
+    x = normal(4, (2, 9, 16))
     zero = MambaTextAdapter(width=16, dim=8, d_state=4, zero_init_up=True)
     assert float(jnp.abs(zero.apply(zero.init(KEY, x), x)).max()) == 0.0
     default = MambaTextAdapter(width=16, dim=8, d_state=4)
@@ -77,7 +74,7 @@ def _dwconv_np(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarra
 def test_rfmixer_matches_numpy(kernels):
     """Eq. (2): ReLU(x + sum_k DWConv_kx1(DWConv_1xk(x))) * x, 'same' padding, per channel."""
     mixer = RFMixer(kernels)
-    x = np.asarray(jax.nn.relu(_normal(5, (2, 9, 11, 6))))
+    x = np.asarray(jax.nn.relu(normal(5, (2, 9, 11, 6))))
     params = mixer.init(KEY, x)["params"]
     out = np.asarray(mixer.apply({"params": params}, x))
     for b in range(2):
@@ -100,8 +97,8 @@ GRID, PREFIX, WIDTH, TEXT = (4, 5), 3, 32, 24
 
 
 def _msa_inputs():
-    x = _normal(6, (2, PREFIX + GRID[0] * GRID[1], WIDTH))
-    words = _normal(7, (2, 6, TEXT))
+    x = normal(6, (2, PREFIX + GRID[0] * GRID[1], WIDTH))
+    words = normal(7, (2, 6, TEXT))
     pad = jnp.array([[False] * 4 + [True] * 2, [False] * 6])
     return x, words, pad
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from torch_ref.backbones import max_abs, perturb
+from torch_ref.backbones import max_abs, output_errors, perturb
 from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertModel
 
 from port_weights import bert as port
@@ -76,15 +76,8 @@ def hf_outputs(model: BertModel, ids: np.ndarray, tt: np.ndarray | None, mask: b
             token_type_ids=None if tt is None else torch.from_numpy(tt),
             output_hidden_states=True,
         )
-    return {"hidden_states": [h.numpy() for h in out.hidden_states], "pooled": out.pooler_output.numpy()}
-
-
-def errors(ours: dict, theirs: dict) -> dict[str, float]:
-    assert len(ours["hidden_states"]) == len(theirs["hidden_states"])
-    errs = {f"layer{i}": max_abs(a, b) for i, (a, b) in enumerate(zip(ours["hidden_states"], theirs["hidden_states"]))}
-    errs["last"] = max_abs(ours["last_hidden_state"], theirs["hidden_states"][-1])
-    errs["pooled"] = max_abs(ours["pooled"], theirs["pooled"])
-    return errs
+    hidden = [h.numpy() for h in out.hidden_states]
+    return {"hidden_states": hidden, "last_hidden_state": hidden[-1], "pooled": out.pooler_output.numpy()}
 
 
 def same_params(a, b) -> bool:
@@ -102,7 +95,7 @@ def test_parity_with_padding_and_token_types(pretraining, ref):
     for tt in (None, type_ids(ids)):
         ours = apply({"params": params}, jnp.asarray(ids), None if tt is None else jnp.asarray(tt))
         theirs = hf_outputs(pretraining.bert, ids, tt)
-        errs = errors(ours, theirs)
+        errs = output_errors(ours, theirs)
         assert max(errs.values()) <= 1e-5, (tt is not None, errs)
     # the padding mask and the token types matter (so both were exercised above)
     unmasked = hf_outputs(pretraining.bert, ids, tt, mask=False)["hidden_states"][-1]
@@ -283,7 +276,8 @@ def test_cli_writes_loadable_params(pretraining, ref, tmp_path):
     assert same_params(params, ref[0])
     net, variables = load_backbone(tmp_path / "out.msgpack")  # the converted file on its own
     ids = token_ids()
-    assert max(errors(net.apply(variables, jnp.asarray(ids)), hf_outputs(pretraining.bert, ids, None)).values()) <= 1e-5
+    errs = output_errors(net.apply(variables, jnp.asarray(ids)), hf_outputs(pretraining.bert, ids, None))
+    assert max(errs.values()) <= 1e-5
     assert main(["bert", str(tmp_path / "nothing.bin"), str(tmp_path / "x.msgpack")]) == 1
 
 
@@ -296,5 +290,5 @@ def test_full_size_bert_base():
     assert meta["config"] == {**bert_config("base"), "pooler": True}
     ids = token_ids(b=2, length=21, vocab=30522, seed=3)
     ours = jax.jit(Bert(**meta["config"]).apply)({"params": params}, jnp.asarray(ids))
-    errs = errors(ours, hf_outputs(model, ids, None))
+    errs = output_errors(ours, hf_outputs(model, ids, None))
     assert max(errs.values()) <= 1e-4, errs

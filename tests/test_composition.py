@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import normal
 
 from wimfris_jax.families.wimfris.neck import WindowMambaFuser
 from wimfris_jax.ssm import Mamba, selective_scan
@@ -50,14 +51,10 @@ def jax_doc() -> dict:
     return _run_block(1)
 
 
-def _normal(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
 def _ris_batch(seed: int = 0):
     """Feature map (2, 4, 4, 16), words (2, 5, 16), a binary mask (2, 4, 4)."""
-    fmap, words = _normal(seed, (2, 4, 4, 16)), _normal(seed + 1, (2, 5, 16))
-    mask = (_normal(seed + 2, (2, 4, 4)) > 0).astype(jnp.float32)
+    fmap, words = normal(seed, (2, 4, 4, 16)), normal(seed + 1, (2, 5, 16))
+    mask = (normal(seed + 2, (2, 4, 4)) > 0).astype(jnp.float32)
     return fmap, words, mask
 
 
@@ -146,7 +143,7 @@ def test_bridged_module_under_plain_jit_needs_split_merge(nnx_doc):
     """Each call of a ``ToNNX`` draws a key and bumps its RngCount: closing over it in ``jax.jit`` is an error;
     threading its state through ``nnx.split`` / ``nnx.merge`` works and gives the eager result."""
     text = nnx.clone(nnx_doc["model"].text)
-    words = _normal(1, (2, 5, 16))
+    words = normal(1, (2, 5, 16))
     with pytest.raises(flax.errors.TraceContextError):
         jax.jit(lambda w: text(w))(words)
 
@@ -183,11 +180,11 @@ def _loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None):
 
 def _scan_inputs(b=2, length=9, d=6, n=4):
     u, delta, B, C, z = (
-        _normal(i, s) for i, s in enumerate([(b, length, d)] * 2 + [(b, length, n)] * 2 + [(b, length, d)])
+        normal(i, s) for i, s in enumerate([(b, length, d)] * 2 + [(b, length, n)] * 2 + [(b, length, d)])
     )
-    A = -jnp.exp(_normal(5, (d, n)) * 0.5)
-    D, delta_bias = _normal(6, (d,)), _normal(7, (d,)) * 0.5 - 1.0
-    return (u, delta, A, B, C, D, z, delta_bias), _normal(8, (b, length, d))
+    A = -jnp.exp(normal(5, (d, n)) * 0.5)
+    D, delta_bias = normal(6, (d,)), normal(7, (d,)) * 0.5 - 1.0
+    return (u, delta, A, B, C, D, z, delta_bias), normal(8, (b, length, d))
 
 
 def test_grad_through_selective_scan_matches_a_python_loop():
@@ -225,7 +222,7 @@ def test_doc_scan_grad_matches_the_loop(jax_doc):
 
 def test_vmap_of_mamba_apply_equals_the_stacked_outputs(jax_doc):
     block, variables = jax_doc["block"], {"params": jax_doc["params"]}
-    x = _normal(0, (3, 2, 8, 16))
+    x = normal(0, (3, 2, 8, 16))
     got = jax_doc["apply_k"](variables, x)
     one = jax.jit(block.apply)
     want = jnp.stack([one(variables, x[k]) for k in range(x.shape[0])])
@@ -241,7 +238,7 @@ def test_donated_train_step_equals_the_undonated_one(jax_doc):
     reuse a buffer, e.g. on a backend without donation) is turned into an error here rather than filtered:
     a donation that silently stopped happening would fail this test."""
     tx, params0 = jax_doc["tx"], jax_doc["params"]
-    x, target = _normal(0, (2, 8, 16)), _normal(1, (2, 8, 16))
+    x, target = normal(0, (2, 8, 16)), normal(1, (2, 8, 16))
     plain = jax.jit(jax_doc["train_step"].__wrapped__)  # the same step without donation
 
     p, s = params0, tx.init(params0)

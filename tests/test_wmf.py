@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import normal
 
 from wimfris_jax.families.wimfris.losses import window_targets
 from wimfris_jax.families.wimfris.neck.wmf import WindowMambaFuser, resolve_window, window_partition, window_reverse
@@ -13,10 +14,6 @@ from wimfris_jax.ssm.mamba import Mamba
 
 KEY = jax.random.PRNGKey(0)
 B, H, W, C = 2, 8, 12, 16
-
-
-def _normal(seed: int, shape: tuple[int, ...]) -> jnp.ndarray:
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
 
 
 def test_window_order_is_row_major_and_matches_the_loss():
@@ -43,7 +40,7 @@ def test_resolve_window():
 
 def _setup(window=4):
     wmf = WindowMambaFuser(window=window, gate_heads=4, d_state=4)
-    f, s = _normal(1, (B, H, W, C)), _normal(2, (B, C))
+    f, s = normal(1, (B, H, W, C)), normal(2, (B, C))
     params = wmf.init(KEY, f, s)
     return wmf, jax.jit(wmf.apply), params, f, s
 
@@ -76,7 +73,7 @@ def test_window_independence(pixel):
     """Perturbing pixels of window 1 changes that window's outputs and class token, and nothing else, exactly."""
     wmf, apply, params, f, s = _setup()
     out, logits = apply(params, f, s)
-    g = f.at[:, pixel[0], pixel[1]].add(_normal(3, (B, C)))
+    g = f.at[:, pixel[0], pixel[1]].add(normal(3, (B, C)))
     out2, logits2 = apply(params, g, s)
     inside = np.zeros((H, W), bool)
     inside[0:4, 4:8] = True
@@ -90,7 +87,7 @@ def test_window_independence(pixel):
 def test_class_token_conditions_every_window():
     wmf, apply, params, f, s = _setup()
     out, logits = apply(params, f, s)
-    out2, logits2 = apply(params, f, s + _normal(4, (B, C)))  # (a constant shift would vanish in the LayerNorm)
+    out2, logits2 = apply(params, f, s + normal(4, (B, C)))  # (a constant shift would vanish in the LayerNorm)
     per_window = np.abs(np.asarray(window_partition(out2 - out, (4, 4)))).max(axis=(2, 3))
     assert np.all(per_window > 0) and np.all(np.abs(np.asarray(logits2 - logits)) > 0)
 

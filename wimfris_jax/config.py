@@ -157,3 +157,31 @@ def read_run_config(path: str) -> ml_collections.ConfigDict:
         return _validate(ml_collections.ConfigDict(config), training=False)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def resolve_config(spec: Any = None, checkpoint: str | os.PathLike | None = None) -> tuple[Any, str]:
+    """The one config resolver: ``(config, name)`` from ``spec``, a config file (``configs/detris_b.py``, with an
+    optional ``:arg``), a config name under configs/ (``"detris_b"``) or a ConfigDict (a whole config or its ``model``
+    alone; its model and data validated), or, without ``spec``, from the ``config.json`` of the run that wrote
+    ``checkpoint`` (the run directory, or the run of a step folder ``<run>/checkpoints/<N>``; old schemas upgraded).
+    Every other way in (``wimfris eval / predict``, ``load_model``, the DETRIS converter) resolves through here."""
+    if spec is None:
+        if checkpoint is None:
+            raise ConfigError("no config: pass --config (a config file) or a checkpoint with a config.json beside it")
+        path = os.fspath(checkpoint)
+        if not os.path.exists(path):
+            raise ConfigError(f"no such checkpoint: {path}")
+        start = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        for d in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
+            if os.path.isfile(os.path.join(d, "config.json")):
+                return read_run_config(os.path.join(d, "config.json")), os.path.join(d, "config.json")
+        raise ConfigError(f"no config.json found beside {path}; pass --config")
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.split(":")[0].endswith(".py"):
+            return load_config(text), text
+        configs = os.path.dirname(importlib.util.find_spec("configs").origin)
+        return load_config(os.path.join(configs, f"{text}.py")), text
+    _validate(spec if hasattr(spec, "model") else {"model": spec}, training=False)
+    return spec, "the given config"
+

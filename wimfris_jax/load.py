@@ -33,20 +33,10 @@ import numpy as np
 
 from data_pipeline.tokenizers import check_tokenizer, tokenizer_spec
 from wimfris_jax.checkpoints import CheckpointMismatch, check_variables, expected_variables, read_checkpoint
-from wimfris_jax.config import load_config
-from wimfris_jax.config_check import validate
+from wimfris_jax.config import resolve_config
 from wimfris_jax.io import flatten, unflatten
 from wimfris_jax.model import build_model
 from wimfris_jax.train.state import init_variables
-
-
-def _config(config: Any) -> tuple[Any, str]:
-    """(the config, its name): a config file is loaded (and validated there); a ConfigDict -- a whole config or its
-    ``model`` alone -- has its model and data validated (:mod:`wimfris_jax.config_check`)."""
-    if isinstance(config, (str, os.PathLike)):
-        return load_config(os.fspath(config)), os.fspath(config)
-    validate(config if hasattr(config, "model") else {"model": config}, training=False)
-    return config, "the given config"
 
 
 def load_model(
@@ -65,7 +55,7 @@ def load_model(
       CheckpointError (a ValueError): a damaged checkpoint (and no intact one to fall back to), a directory that
         is not a run, an unfinished save, a file that is not a parameter file.
     """
-    cfg, config_name = _config(config)
+    cfg, config_name = resolve_config(config)
     model_config = cfg.model if hasattr(cfg, "model") else cfg
     model = build_model(model_config).clone(logits_only=True)
     if hasattr(cfg, "data"):  # eval / predict tokenise with config.data.tokenizer

@@ -28,7 +28,7 @@ from data_pipeline.images import ExampleError, ImageTooLargeError, image_size, l
 from data_pipeline.preprocess import inverse_letterbox_matrix, letterbox_image, normalize
 from data_pipeline.tokenizer import clean
 from data_pipeline.tokenizers import DEFAULT_TOKENIZER, text_ids
-from wimfris_jax.config import load_config, read_run_config
+from wimfris_jax.config import resolve_config
 from wimfris_jax.errors import UserError
 from wimfris_jax.evaluate import data_settings
 from wimfris_jax.inference import forward_fn, predict_batch
@@ -93,19 +93,11 @@ def check_images(paths: Sequence[str]) -> tuple[list[int], dict[int, str]]:
 
 
 def find_config(checkpoint: str, config: str | None = None) -> Any:
-    """``config`` (a config file) if given, else the ``config.json`` of the run that wrote ``checkpoint`` (the run
-    directory, or the run of a step folder ``<run>/checkpoints/<N>``; a config in the schema before the adapter
-    schema is upgraded, :func:`wimfris_jax.config.read_run_config`). PredictError if ``checkpoint`` is missing."""
+    """``config`` (a config file) if given, else the ``config.json`` of the run that wrote ``checkpoint``
+    (:func:`wimfris_jax.config.resolve_config`); a missing checkpoint is named first."""
     if not os.path.exists(checkpoint):
         raise PredictError(f"no such checkpoint: {checkpoint}")
-    if config:
-        return load_config(config)
-    start = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-    for d in (start, os.path.dirname(start), os.path.dirname(os.path.dirname(start))):
-        path = os.path.join(d, "config.json")
-        if os.path.isfile(path):
-            return read_run_config(path)
-    raise PredictError(f"no config.json found beside {checkpoint}; pass --config")
+    return resolve_config(config or None, checkpoint)[0]
 
 
 def _batch_masks(
