@@ -19,11 +19,16 @@ Run::
 Ablation switches (``--set`` overrides; docs/VIPA.md "Ablation switches"):
 
     Table V    key-value set       model.key_value=ve | advanced_le | vanilla_le
-    Table VI a VEG steps           model.veg.retrieve=false (w/o step 1), model.veg.refine=false (w/o step 2)
+    Table VI a VEG steps           model.veg.retrieve=False (w/o step 1: M = 1), model.veg.refine=False (w/o step 2:
+                                   no eqs. 6-7, E_V = F_a), model.veg.share=False (no eq. 7 alone, E_V = F_r)
     Table VI b linguistic cues     model.veg.cues=both | global | local
+    Table IX   articles            model.veg.skip_ids="(1037, 2019, 1996)" (w/o articles: a, an, the of
+                                   bert-base-uncased; default () = all words)
     Fig. 4     retrieval ratio r   model.veg.ratio=0.1 | 0.3 | 0.8
     Table VII  encoder fusion      model.fusion=early | late | none
-    Table VIII contrastive loss    model.loss_weights="(1.0, 1.0, 0.0)" (w/o supervision)
+    Table VIII relevance loss      model.relevance_loss=contrastive | threshold (direct thresholding) | none (w/o
+                                   supervision; as model.loss_weights="(1.0, 1.0, 0.0)")
+    (ours)     Gumbel score scale  model.veg.score_scale=1.0 (eq. 2) | 10.0 (the noise moves the selection less)
 
 Expected (paper, Table I): RefCOCO val / testA / testB oIoU 75.84 / 78.58 / 72.20, mIoU 78.68 / 79.93 / 75.98;
 431 GFLOPs (the summary prints our parameter counts).
@@ -31,9 +36,13 @@ Expected (paper, Table I): RefCOCO val / testA / testB oIoU 75.84 / 78.58 / 72.2
 
 from configs import common
 
+# The VEG's fields (wimfris_jax/vipa/veg.py); ``model_config(veg=...)`` overrides some of them.
+VEG = dict(dim=256, num_heads=8, ratio=0.3, cues="both", skip_ids=(), retrieve=True, refine=True, share=True,
+           score_scale=1.0)  # fmt: skip
+
 
 def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(6, 2, 2, 2), veg=None, decoder=None):
-    """config.model of VIPA (``family = "vipa"``; wimfris_jax/vipa/model.py reads it)."""
+    """config.model of VIPA (``family = "vipa"``; wimfris_jax/vipa/model.py reads it); ``veg`` updates :data:`VEG`."""
     return common.ml_collections.ConfigDict(
         dict(
             family="vipa",
@@ -44,9 +53,10 @@ def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(
             text_stages=tuple(text_stages),
             fusion="early",  # early | late | none (Table VII)
             key_value="ve",  # ve | advanced_le | vanilla_le (Table V)
-            veg=dict(veg or dict(dim=256, num_heads=8, ratio=0.3, cues="both", retrieve=True, refine=True)),
+            veg={**VEG, **(veg or {})},
             decoder=dict(decoder or dict(dim=256, num_heads=8)),
-            loss_weights=(1.0, 1.0, 1.0),  # (BCE, Dice, pixel contrastive)
+            relevance_loss="contrastive",  # contrastive (eq. 4) | threshold | none (Table VIII)
+            loss_weights=(1.0, 1.0, 1.0),  # (BCE, Dice, relevance: eq. 4's pixel contrastive by default)
         )
     )
 

@@ -35,3 +35,18 @@ def test_device_check_smoke(tmp_path):
     models = {"WIMFRIS-B", "DETRIS-B"}
     assert {r["model"] for r in sections["train"]} == {r["model"] for r in sections["eval"]} == models
     assert "| train |" in proc.stdout and "| scan |" in proc.stdout  # the table
+
+
+def test_veg_overlap_random_vipa_b(tmp_path, capsys):
+    """benchmarks/veg_overlap.py --random: VIPA-B's 15 x 15 map (N 225, k 68); the noised selection keeps at least
+    chance of the noise-free one, more at score scale 10 than at 1 (eq. 2), never more than all of it."""
+    from benchmarks import veg_overlap
+
+    out = tmp_path / "rows.json"
+    assert veg_overlap.main(["--random", "--draws", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["N"], row["k"], row["score_scale"]) == (225, 68, 1.0)
+    at = {float(s): v for s, v in row["at_scales"].items()}
+    assert abs(row["chance"] - 68 / 225) < 1e-9 and row["overlap"] == at[1.0]
+    assert row["chance"] - 0.02 < at[1.0] < at[10.0] - 0.05 and at[10.0] <= 1.0, at
+    assert "| random VIPA-B VEG, 480 px | 1 | 225 | 68 | 0.302 |" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 variant), its ablation switches change exactly the parts they name, WordPiece ids reach it through the data
 pipeline, and it goes through the same train / eval / predict commands as WIMFRIS."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,30 +23,51 @@ IDS = jnp.array([[2, 5, 7, 9, 3, 0], [2, 6, 3, 0, 0, 0]], jnp.int32)  # [CLS] wo
 SHAPE = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
 
 
-def _abstract(**overrides):
-    config = load_config(QUICK)
+def _set(config, overrides):
+    """config.model[key] = value for each item; "veg.ratio" names a field of the group config.model.veg."""
     for key, value in overrides.items():
         group, _, leaf = key.rpartition(".")
         (config.model[group] if group else config.model)[leaf] = value
+    return config
+
+
+def _abstract(**overrides):
+    config = _set(load_config(QUICK), overrides)
     model = build_model(config.model)
     params = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, IDS, train=False), SHAPE)["params"]
     out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, IDS, train=False), params, SHAPE)
     return params, out
 
 
-def test_vipa_outputs_and_loss():
+@pytest.fixture(scope="module")
+def quick_vipa():
+    """(images (2, 64, 64, 3), variables, the default model's jitted eval forward); the variables are the
+    "advanced_le" model's, every switch's here and "le_proj" (which the others ignore): one init for the file."""
+    config = load_config(QUICK)
+    config.model.key_value = "advanced_le"
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = jax.jit(lambda r: build_model(config.model).init(r, images, IDS, train=False))(jax.random.PRNGKey(0))
+    model = build_model(load_config(QUICK).model)
+    return images, variables, jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))
+
+
+def test_vipa_outputs_and_loss(quick_vipa):
+    images, variables, evaluate = quick_vipa
     config = load_config(QUICK)
     model = build_model(config.model)
-    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
-    variables = jax.jit(lambda r, x, t: model.init(r, x, t, train=False))(jax.random.PRNGKey(0), images, IDS)
     train = jax.jit(lambda v, x, t, r: model.apply(v, x, t, train=True, rngs={"dropout": r}))
     out = train(variables, images, IDS, jax.random.PRNGKey(2))
     assert out["logits"].shape == (2, 16, 16) and out["global_logits"].shape == (2, 2, 2)
     assert out["state"].shape == (2, 64) and float(jnp.std(out["logits"])) > 1e-4
-    loss, aux = loss_fn(config.model, out, jnp.zeros((2, 16, 16)))
-    assert np.isfinite(float(loss)) and set(aux) == {"loss_bce", "loss_dice", "loss_pixel_contrast"}
+    scale = float(jnp.exp(variables["params"]["veg"]["log_scale"]))  # eq. (4)'s logits: the scaled cosines
+    np.testing.assert_allclose(out["global_logits"], out["relevance"] * scale, rtol=1e-6)
+    assert float(jnp.abs(out["relevance"]).max()) <= 1.0 + 1e-6
+    parts = {"contrastive": "loss_pixel_contrast", "threshold": "loss_relevance_threshold", "none": None}
+    for kind, part in parts.items():  # Table VIII
+        config.model.relevance_loss = kind
+        loss, aux = loss_fn(config.model, out, jnp.zeros((2, 16, 16)))
+        assert np.isfinite(float(loss)) and set(aux) == {"loss_bce", "loss_dice"} | ({part} - {None}), kind
     # evaluation: no Gumbel noise, so two calls agree and no rng is needed
-    evaluate = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))
     np.testing.assert_array_equal(
         evaluate(variables, images, IDS)["logits"], evaluate(variables, images, IDS)["logits"]
     )
@@ -67,26 +87,37 @@ def test_default_parameters_per_part():
     [
         ({"fusion": "none"}, {"vision_fusion_0", "text_cross_1", "vision_fusion_3"}, set()),
         ({"fusion": "late"}, {"vision_fusion_0", "text_cross_1"}, {"vision_fusion_3", "text_cross_late"}),
-        ({"veg.refine": False}, set(), set()),
+        ({"veg.refine": False}, {"veg/refine_attn", "veg/share_attn"}, {"veg/aggregate"}),
+        ({"veg.share": False}, {"veg/share_attn", "veg/share_mlp"}, {"veg/refine_attn", "veg/refine_mlp"}),
     ],
 )
 def test_fusion_switches_change_only_their_parts(overrides, absent, present):
     params, out = _abstract(**overrides)
-    assert absent.isdisjoint(params) and present <= set(params)
+    names = set(params) | {f"veg/{k}" for k in params["veg"]}
+    assert absent.isdisjoint(names) and present <= names
     assert out["logits"].shape == (2, 16, 16)
-    if "veg.refine" in overrides:
-        assert not {"refine_attn", "refine_mlp"} & set(params["veg"])
 
 
-def test_key_value_switch_changes_the_logits():
+def test_skip_ids_drop_those_words_as_cues(quick_vipa):
+    """Table IX "w/o articles": skip_ids (here "the", id 5 of the synthetic vocabulary, in sentence 0 only) change
+    that sentence's logits with the same weights, and only that sentence's."""
+    images, variables, evaluate = quick_vipa
+    config = load_config(QUICK)
+    config.model.veg.skip_ids = (5,)
+    model = build_model(config.model)
+    skipped = np.asarray(jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))(variables, images, IDS)["logits"])
+    logits = np.asarray(evaluate(variables, images, IDS)["logits"])
+    assert np.abs(skipped - logits)[0].max() > 1e-5
+    np.testing.assert_allclose(skipped[1], logits[1], atol=1e-6)  # sentence 1 has no "the"
+
+
+def test_key_value_switch_changes_the_logits(quick_vipa):
     """Table V: the decoder reads the visual expression, or the words (projected to its width) after the fusion
     ("advanced") or before it ("vanilla"); the two word sets share every weight, so only the switch differs."""
     params, _ = _abstract(key_value="ve")
     assert "le_proj" not in params
+    images, variables, _ = quick_vipa
     config = load_config(QUICK)
-    config.model.key_value = "advanced_le"
-    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
-    variables = jax.jit(lambda r: build_model(config.model).init(r, images, IDS, train=False))(jax.random.PRNGKey(0))
     assert variables["params"]["le_proj"]["kernel"].shape == (64, 64)
     outs = {}
     for kv in ("advanced_le", "vanilla_le"):
@@ -101,11 +132,13 @@ def test_key_value_switch_changes_the_logits():
         ("fusion", "mid", r"config.model.fusion='mid': choose one of \['early', 'late', 'none'\]"),
         ("key_value", "le", r"config.model.key_value='le'"),
         ("text_stages", (6, 6, 6, 6), r"text_stages=\[6, 6, 6, 6\]: need 4 stages .* at most 2 BERT layers"),
+        ("relevance_loss", "hinge", r"relevance_loss='hinge': choose one of \['contrastive', 'none', 'threshold'\]"),
+        ("veg.score_scale", 0.0, r"veg.score_scale=0.0: must be positive"),
+        ("veg.skip_ids", ("the",), r"veg.skip_ids=\('the',\): token ids > 0, e.g. \(1037, 2019, 1996\)"),
     ],
 )
 def test_bad_switch_is_one_line(key, value, message):
-    config = load_config(QUICK)
-    config.model[key] = value
+    config = _set(load_config(QUICK), {key: value})
     with pytest.raises(ConfigError, match=message):
         build_model(config.model)
 

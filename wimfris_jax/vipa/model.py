@@ -9,16 +9,18 @@ Generator, and a decoder whose vision queries attend to the visual expression.
         i > 0: words = TextCrossLayer_i(words, x) then BERT layers of text stage i (x: stage i's merged input)
         v = Swin stage i(x);  v, r = VisionLanguageFusion_i(v, words)          (B, h_i, w_i, C_i)
         F_i = LN_i(r)  (CrossVLT's per-stage output norm);  x = Swin merge_i(v) for i < 3
-    VEG(F_4, words) -> visual expression E_V (B, L, D), pixel-contrastive logits (B, h_4, w_4)       eqs. (1)-(7)
+    VEG(F_4, words, ids) -> visual expression E_V (B, L, D), [CLS] relevance map (B, h_4, w_4)       eqs. (1)-(7)
     VipaDecoder(F_1..F_4, E_V) -> logits (B, S/4, S/4)                                               eq. (8)
 
 Switches (Tables V-VII; docs/VIPA.md "Ablation switches"): ``fusion`` "early" | "late" (one fusion of the last
 stage's features and the final words) | "none"; ``key_value`` "ve" | "advanced_le" (the fused words) |
-"vanilla_le" (the words of text stage 0, before any cross-attention); the VEG's own (ratio, cues, retrieve, refine).
+"vanilla_le" (the words of text stage 0, before any cross-attention); the VEG's own (ratio, cues, skip_ids,
+retrieve, refine, share, score_scale); the loss's ``relevance_loss`` "contrastive" | "threshold" | "none" (Table VIII).
 Parameter names: "text_encoder", "image_encoder" (as converted), "text_cross_<i>", "vision_fusion_<i>",
 "stage_norm_<i>", "veg", "decoder" ("le_proj", the words' projection to the decoder width, for the "le" switches).
 
-Outputs: "logits" (B, S/4, S/4), "global_logits" (B, h_4, w_4), "state" (B, 768) the sentence feature: BERT's
+Outputs: "logits" (B, S/4, S/4), "global_logits" (B, h_4, w_4) eq. (4)'s logits, "relevance" (B, h_4, w_4) the raw
+cosines they scale, "state" (B, 768) the sentence feature: BERT's
 pooler on the final [CLS] token when the text tower has one (bert-base-uncased does), else that token itself.
 """
 
@@ -39,11 +41,13 @@ from wimfris_jax.errors import ConfigError
 from wimfris_jax.normalization import to_imagenet
 from wimfris_jax.vipa.decoder import VipaDecoder
 from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion
-from wimfris_jax.vipa.losses import vipa_loss
+from wimfris_jax.vipa.losses import RELEVANCE_LOSSES, vipa_loss
 from wimfris_jax.vipa.veg import CUES, VEG
 
 FUSIONS = ("early", "late", "none")
 KEY_VALUES = ("ve", "advanced_le", "vanilla_le")
+
+
 class VIPA(nn.Module):
     """VIPA; build it with :func:`build_vipa`.
 
@@ -106,7 +110,7 @@ class VIPA(nn.Module):
                 x = swin.downsample(i, v)
         if self.fusion == "late":
             words = self._cross("text_cross_late", words, feats[-1])
-        veg = self.veg(feats[-1], words, pad, train=bool(train))
+        veg = self.veg(feats[-1], words, pad, ids=ids, train=bool(train))
         if self.key_value == "ve":
             kv, kv_mask = veg["expression"], veg["expression_mask"]
         else:  # Table V's language key-value sets, projected to the decoder's width
@@ -118,14 +122,14 @@ class VIPA(nn.Module):
         if logits_only:
             return logits
         state = bert.pool(words) if bert.pooler else words[:, 0]
-        return {"logits": logits, "global_logits": veg["global_logits"], "state": state}
+        return {"logits": logits, "global_logits": veg["global_logits"], "relevance": veg["relevance"], "state": state}
 
 
 def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -> VIPA:
     """The VIPA module for ``config.model`` (configs/vipa_b.py documents the keys): ``text`` Bert fields or
     ``{"preset": "base"}``, ``vision`` Swin fields or ``{"preset": "base"}``, ``text_stages``, ``fusion``,
-    ``key_value``, ``veg`` (VEG fields), ``decoder`` (VipaDecoder fields). ``remat_mode`` rematerialises the
-    backbones' blocks."""
+    ``key_value``, ``veg`` (VEG fields), ``decoder`` (VipaDecoder fields), ``relevance_loss`` (checked here, read by
+    :func:`vipa_loss_fn`). ``remat_mode`` rematerialises the backbones' blocks."""
     cfg = model_config
     text = Bert(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.text, bert_config))
     vision = Swin(dtype=dtype, remat_mode=remat_mode, **expand_preset(cfg.vision, swin_config))
@@ -137,8 +141,16 @@ def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -
         )
     veg = dict(cfg.get("veg") or {})
     choice(veg, "cues", "both", CUES, "veg")
+    choice(cfg, "relevance_loss", "contrastive", RELEVANCE_LOSSES)
     if not 0.0 < float(veg.get("ratio", 0.3)) <= 1.0:
         raise ConfigError(f"config.model.veg.ratio={veg['ratio']!r}: the retrieved share r must be in (0, 1]")
+    if not float(veg.get("score_scale", 1.0)) > 0.0:
+        raise ConfigError(f"config.model.veg.score_scale={veg['score_scale']!r}: must be positive (1 = eq. 2)")
+    skip = veg.get("skip_ids", ())
+    if not isinstance(skip, (tuple, list)) or not all(type(i) is int and i > 0 for i in skip):  # bool is no id
+        raise ConfigError(f"config.model.veg.skip_ids={skip!r}: token ids > 0, e.g. (1037, 2019, 1996) for "
+                          'bert-base-uncased (a, an, the; docs/VIPA.md "Ablation switches")')  # fmt: skip
+    veg["skip_ids"] = tuple(skip)
     dec = dict(cfg.get("decoder") or {})
     return VIPA(
         text_encoder=text,
@@ -153,7 +165,9 @@ def build_vipa(model_config: Any, dtype: Any = None, remat_mode: str = "none") -
 
 
 def vipa_loss_fn(model_config: Any, outputs: Mapping[str, jnp.ndarray], mask: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
-    """BCE + Dice on the logits + the pixel-contrastive loss of eq. (4) (weights ``loss_weights`` = (bce, dice,
-    contrastive), (1, 1, 1)); mask (B, Hm, Wm)."""
+    """BCE + Dice on the logits + the relevance map's supervision ``relevance_loss`` (eq. 4's pixel-contrastive loss
+    by default; Table VIII), weights ``loss_weights`` = (bce, dice, relevance), (1, 1, 1); mask (B, Hm, Wm)."""
     weights = tuple(model_config.get("loss_weights", (1.0, 1.0, 1.0)))
-    return vipa_loss(outputs["logits"], outputs["global_logits"], mask, weights)
+    relevance = choice(model_config, "relevance_loss", "contrastive", RELEVANCE_LOSSES)
+    ratio = float(dict(model_config.get("veg") or {}).get("ratio", VEG.ratio))
+    return vipa_loss(outputs, mask, weights, relevance, ratio)
