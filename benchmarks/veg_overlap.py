@@ -28,9 +28,9 @@ import numpy as np
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.sources import build_source
 from wimfris_jax.evaluate import data_settings
+from wimfris_jax.families.vipa.veg import VEG, retrieval_mask, retrieved_count, selection_overlap
 from wimfris_jax.load import load_model
 from wimfris_jax.predict import find_config
-from wimfris_jax.vipa.veg import VEG, retrieval_mask, retrieved_count, selection_overlap
 
 
 def _overlaps(veg: VEG, tau: jax.Array, batches: list[dict[str, jax.Array]], scales: list[float], draws: int):

@@ -36,13 +36,13 @@ Expected (paper, Table I): RefCOCO val / testA / testB oIoU 75.84 / 78.58 / 72.2
 
 from configs import common
 
-# The VEG's fields (wimfris_jax/vipa/veg.py); ``model_config(veg=...)`` overrides some of them.
+# The VEG's fields (wimfris_jax/families/vipa/veg.py); ``model_config(veg=...)`` overrides some of them.
 VEG = dict(dim=256, num_heads=8, ratio=0.3, cues="both", skip_ids=(), retrieve=True, refine=True, share=True,
            score_scale=1.0)  # fmt: skip
 
 
 def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(6, 2, 2, 2), veg=None, decoder=None):
-    """config.model of VIPA (``family = "vipa"``; wimfris_jax/vipa/model.py reads it); ``veg`` updates :data:`VEG`."""
+    """config.model of VIPA (``family = "vipa"``; wimfris_jax/families/vipa/model.py reads it); ``veg`` updates :data:`VEG`."""
     return common.ml_collections.ConfigDict(
         dict(
             family="vipa",

@@ -15,12 +15,12 @@ import pytest
 from ml_collections import ConfigDict
 
 from wimfris_jax.config import ConfigError
+from wimfris_jax.families.vipa.decoder import VipaDecoder
+from wimfris_jax.families.vipa.fusion import TextCrossLayer, VisionLanguageFusion, instance_norm
+from wimfris_jax.families.vipa.losses import threshold_loss, to_mask_size, vipa_loss
+from wimfris_jax.families.vipa.veg import VEG, cue_mask, retrieval_mask, selection_overlap
 from wimfris_jax.losses import bce_loss, dice_loss
 from wimfris_jax.train.optim import make_optimizer
-from wimfris_jax.vipa.decoder import VipaDecoder
-from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion, instance_norm
-from wimfris_jax.vipa.losses import threshold_loss, to_mask_size, vipa_loss
-from wimfris_jax.vipa.veg import VEG, cue_mask, retrieval_mask, selection_overlap
 
 B, H, W, C, L, D = 2, 4, 5, 12, 6, 16
 PAD = jnp.array([[False] * 4 + [True] * 2, [False] * 6])  # row 0: [CLS] + 3 words + 2 padding

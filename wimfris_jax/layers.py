@@ -19,7 +19,7 @@ statistics (SyncBatchNorm) without an ``axis_name``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -269,3 +269,34 @@ def _fusion_barrier_bwd(_: None, g: jnp.ndarray) -> tuple[jnp.ndarray]:
 
 
 fusion_barrier.defvjp(_fusion_barrier_fwd, _fusion_barrier_bwd)
+
+
+# Generic blocks shared by the backbones and the families (PyTorch's numerics).
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """``torch.nn.GELU()`` with ``approximate='none'``, in PyTorch's form ``x/2 (1 + erf(x/sqrt 2))`` (flax's default is
+    the tanh approximation; ``jax.nn.gelu(approximate=False)`` goes through erfc, 2-3x slower on CPU)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
+def layer_norm(eps: float, dtype: Any = None, name: str | None = None) -> nn.LayerNorm:
+    """A LayerNorm with PyTorch's variance computation, so that parity holds at 1e-5 on large activations."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class Mlp(nn.Module):
+    """Linear(width -> hidden) -> act -> Linear(hidden -> width); (B, T, C) -> (B, T, C)."""
+
+    hidden: int
+    act: Callable[[jax.Array], jax.Array]
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        return nn.Dense(width, dtype=self.dtype, name="fc2")(self.act(x))
+
+
+def cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in ``dtype`` (unchanged when ``dtype`` is None)."""
+    return x if dtype is None else jnp.asarray(x, dtype)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from wimfris_jax.errors import ConfigError
 from wimfris_jax.families import Family
 from wimfris_jax.families.tfanet import FAMILY as TFANET
+from wimfris_jax.families.vipa import FAMILY as VIPA
 from wimfris_jax.families.wimfris import FAMILY as WIMFRIS
 from wimfris_jax.layers import check_remat
 from wimfris_jax.paths import DEFAULT_TRAINABLE
-from wimfris_jax.vipa import FAMILY as VIPA
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (WIMFRIS, TFANET, VIPA)}
 

@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wimfris_jax.attention import key_padding_mask
-from wimfris_jax.backbones.vit import Array, Mlp, cast, gelu_exact, layer_norm, self_attention
-from wimfris_jax.layers import remat
+from wimfris_jax.backbones.vit import Array, self_attention
+from wimfris_jax.layers import Mlp, cast, gelu_exact, layer_norm, remat
 
 # name -> (width, depth, heads, mlp); all: vocabulary 30522 (uncased), 512 positions, 2 token types, eps 1e-12.
 _SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}

@@ -23,8 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.backbones.vit import Adapter, Adapters, Array, Mlp, cast, layer_norm, quick_gelu, self_attention
-from wimfris_jax.layers import remat
+from wimfris_jax.backbones.vit import Adapter, Adapters, Array, quick_gelu, self_attention
+from wimfris_jax.layers import Mlp, cast, layer_norm, remat
 
 # name -> (width, depth, heads, proj_dim); all: vocabulary 49408, 77 positions, MLP ratio 4, LayerNorm eps 1e-5.
 # OpenAI's clip/model.py: heads = transformer_width // 64 (the checkpoints do not store it).

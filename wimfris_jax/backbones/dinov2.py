@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wimfris_jax.backbones import vit
-from wimfris_jax.backbones.vit import Adapter, Adapters, Array, cast, layer_norm
+from wimfris_jax.backbones.vit import Adapter, Adapters, Array
 from wimfris_jax.interpolate import resize_2d, resize_matrix
-from wimfris_jax.layers import fusion_barrier, remat
+from wimfris_jax.layers import Mlp, cast, fusion_barrier, gelu_exact, layer_norm, remat
 
 INTERPOLATIONS = ("torchhub", "hf", "hf_antialias")
 
@@ -132,7 +132,7 @@ class Block(nn.Module):
         if self.ffn == "swiglu":
             y = remat(vit.SwiGLU, self.remat_mode)(vit.swiglu_hidden(c, self.mlp_ratio), self.dtype, name="mlp")(n2)
         elif self.ffn == "mlp":
-            y = remat(vit.Mlp, self.remat_mode)(int(c * self.mlp_ratio), vit.gelu_exact, self.dtype, name="mlp")(n2)
+            y = remat(Mlp, self.remat_mode)(int(c * self.mlp_ratio), gelu_exact, self.dtype, name="mlp")(n2)
         else:
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
         if adapter is not None:

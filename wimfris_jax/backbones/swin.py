@@ -48,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wimfris_jax.attention import dot_product_attention
-from wimfris_jax.backbones.vit import Mlp, gelu_exact, layer_norm
-from wimfris_jax.layers import keep_mask, remat, vit_trunc_normal
+from wimfris_jax.layers import Mlp, gelu_exact, keep_mask, layer_norm, remat, vit_trunc_normal
 
 Array = jax.Array
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from wimfris_jax.attention import multi_head_attention
 
@@ -38,15 +37,8 @@ def quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-def gelu_exact(x: Array) -> Array:
-    """``torch.nn.GELU()`` with ``approximate='none'``, in PyTorch's form ``x/2 (1 + erf(x/sqrt 2))`` (flax's default is
-    the tanh approximation; ``jax.nn.gelu(approximate=False)`` goes through erfc, 2-3x slower on CPU)."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
-def layer_norm(eps: float, dtype: Any = None, name: str | None = None) -> nn.LayerNorm:
-    """A LayerNorm with PyTorch's variance computation, so that parity holds at 1e-5 on large activations."""
-    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
 def self_attention(
@@ -64,18 +56,6 @@ def self_attention(
     )
 
 
-class Mlp(nn.Module):
-    """Linear(width -> hidden) -> act -> Linear(hidden -> width); (B, T, C) -> (B, T, C)."""
-
-    hidden: int
-    act: Callable[[Array], Array]
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        width = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(width, dtype=self.dtype, name="fc2")(self.act(x))
 
 
 class SwiGLU(nn.Module):
@@ -98,8 +78,3 @@ class SwiGLU(nn.Module):
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:
     """Branch size of DINOv2's SwiGLU FFN: two thirds of ``width * mlp_ratio``, rounded up to a multiple of 8."""
     return (int(int(width * mlp_ratio) * 2 / 3) + 7) // 8 * 8
-
-
-def cast(x: Array, dtype: Any) -> Array:
-    """``x`` in ``dtype`` (unchanged when ``dtype`` is None)."""
-    return x if dtype is None else jnp.asarray(x, dtype)

@@ -32,8 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.backbones.vit import gelu_exact
-from wimfris_jax.layers import remat, torch_default_bias, torch_default_kernel, vit_trunc_normal
+from wimfris_jax.layers import gelu_exact, remat, torch_default_bias, torch_default_kernel, vit_trunc_normal
 from wimfris_jax.ssm.ss2d import FORWARD_TYPES, SS2D
 
 Array = jnp.ndarray

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
+from wimfris_jax.attention import key_padding_mask, multi_head_attention
 from wimfris_jax.families.tfanet.common import valid_words
 from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.layers import torch_default_kernel
@@ -62,8 +62,7 @@ class TransformerCrossAttention(nn.Module):
             self.num_heads, width, implementation=self.implementation, dtype=self.dtype, name=name
         )
         p_n, w_n = norm("pixel_norm")(pixels), norm("word_norm")(words)
-        key_mask = valid.astype(bool)[:, None, None, :]  # (B, 1, 1, L): pixels attend to real words only
-        a_pixels = mha(cv, "image_to_text")(p_n, w_n, w_n, mask=key_mask)
+        a_pixels = mha(cv, "image_to_text")(p_n, w_n, w_n, mask=key_padding_mask(~valid.astype(bool)))  # real words
         a_words = mha(ct, "text_to_image")(w_n, p_n, p_n)
         f_lv = visual + a_pixels.reshape(b, h, w, cv).astype(visual.dtype)
         f_vl = (words + a_words.astype(words.dtype)) * valid[..., None].astype(words.dtype)

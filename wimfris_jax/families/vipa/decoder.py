@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
-from wimfris_jax.backbones.vit import Mlp, gelu_exact, layer_norm
+from wimfris_jax.attention import key_padding_mask, multi_head_attention
 from wimfris_jax.interpolate import bilinear_resize
+from wimfris_jax.layers import Mlp, gelu_exact, layer_norm
 
 Array = jax.Array
 
@@ -46,7 +46,7 @@ class VipaDecoder(nn.Module):
             x = nn.Dense(self.dim, dtype=self.dtype, name=f"in_{i}")(f)
             b, h, w, _ = x.shape
             q = x.reshape(b, h * w, self.dim)
-            mask = jnp.broadcast_to(kv_mask[:, None, None, :], (b, 1, h * w, kv.shape[1]))
+            mask = key_padding_mask(~kv_mask, h * w)  # kv_mask True = a usable key
             attn = multi_head_attention(self.num_heads, self.dim, implementation=self.attention, dtype=self.dtype,
                                         name=f"cross_{i}")  # fmt: skip
             q = q + attn(layer_norm(1e-5, self.dtype, f"cross_norm_{i}")(q), kv, mask=mask)

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
-from wimfris_jax.backbones.vit import gelu_exact, layer_norm
+from wimfris_jax.attention import dot_product_attention, key_padding_mask, multi_head_attention
+from wimfris_jax.layers import gelu_exact, layer_norm
 
 Array = jax.Array
 NORMAL = nn.initializers.normal(0.02)  # BERT's initializer_range
@@ -42,13 +42,6 @@ def instance_norm(x: Array, eps: float = 1e-5) -> Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def key_mask(pad_mask: Array | None, queries: int) -> Array | None:
-    """(B, Lk) True = padding -> flax attention mask (B, 1, queries, Lk), True = attend."""
-    if pad_mask is None:
-        return None
-    return jnp.broadcast_to(~pad_mask[:, None, None, :], (pad_mask.shape[0], 1, queries, pad_mask.shape[1]))
-
-
 def default_fusion_heads(dim: int) -> int:
     """CrossVLT's heads of a fusion ``dim`` wide: one per 64 channels, at least one."""
     return max(1, dim // 64)
@@ -57,12 +50,14 @@ def default_fusion_heads(dim: int) -> int:
 class VisionLanguageFusion(nn.Module):
     """CrossVLT's vision-side fusion with its tanh gate: (v, words) -> (v', r), both (B, h, w, C).
 
-    Attributes: dim (attention width; None = C), num_heads (None = max(1, dim // 64) as CrossVLT), dtype.
+    Attributes: dim (attention width; None = C), num_heads (None = max(1, dim // 64) as CrossVLT), dtype,
+    attention (:func:`wimfris_jax.attention.dot_product_attention`'s implementation).
     """
 
     dim: int | None = None
     num_heads: int | None = None
     dtype: Any = None
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, v: Array, words: Array, pad_mask: Array | None) -> tuple[Array, Array]:
@@ -76,8 +71,8 @@ class VisionLanguageFusion(nn.Module):
         q = instance_norm(dense(dim, "query")(tokens)).reshape(b, h * w, heads, dim // heads)
         k = dense(dim, "key")(words).reshape(b, -1, heads, dim // heads)
         val = dense(dim, "value")(words).reshape(b, -1, heads, dim // heads)
-        mask = None if pad_mask is None else ~pad_mask[:, None, None, :]
-        out = nn.dot_product_attention(q, k, val, mask=mask).reshape(b, h * w, dim)
+        out = dot_product_attention(q, k, val, key_padding_mask(pad_mask), implementation=self.attention)
+        out = out.reshape(b, h * w, dim)
         r = instance_norm(dense(c, "out")(out)) + tokens
         r = gelu_exact(dense(c, "project")(r))
         gate = dense(c, "gate_1", use_bias=False, kernel_init=NORMAL)(r)

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wimfris_jax.attention import multi_head_attention
-from wimfris_jax.backbones.vit import Mlp, gelu_exact, layer_norm
+from wimfris_jax.attention import key_padding_mask, multi_head_attention
+from wimfris_jax.layers import Mlp, gelu_exact, layer_norm
 
 Array = jax.Array
 CUES = ("both", "global", "local")
@@ -141,7 +141,7 @@ class VEG(nn.Module):
         if self.refine:  # eq. (6): each cue attends to its retrieved tokens only -> F_r
             e = self._mlp("refine_mlp", e + self._attend("refine_attn", e, fv, hard[:, None] > 0.5))
             if self.share:  # eq. (7): the cues in use share attributes -> E_V
-                keys = jnp.broadcast_to(cue[:, None, None, :], (b, 1, length, length))
+                keys = key_padding_mask(~cue, length)  # the cues in use are the keys
                 e = self._mlp("share_mlp", e + self._attend("share_attn", e, e, keys))
         relevance = scores[:, 0].reshape(b, h, w)
         return {

@@ -10,8 +10,8 @@ import flax.linen as nn
 
 from wimfris_jax.families import KEY_BIAS, Family
 from wimfris_jax.families.checks import divides, stage_problems
-from wimfris_jax.vipa.fusion import default_fusion_heads
-from wimfris_jax.vipa.model import VIPA, build_vipa, vipa_loss_fn
+from wimfris_jax.families.vipa.fusion import default_fusion_heads
+from wimfris_jax.families.vipa.model import VIPA, build_vipa, vipa_loss_fn
 
 
 def describe(m: Any) -> list[str]:

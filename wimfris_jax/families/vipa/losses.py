@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from wimfris_jax.families.vipa.veg import retrieved_count
 from wimfris_jax.interpolate import bilinear_resize
 from wimfris_jax.losses import bce_loss, dice_loss
-from wimfris_jax.vipa.veg import retrieved_count
 
 RELEVANCE_LOSSES = ("contrastive", "threshold", "none")
 RELEVANCE_PARTS = {"contrastive": "loss_pixel_contrast", "threshold": "loss_relevance_threshold"}

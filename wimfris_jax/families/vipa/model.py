@@ -35,14 +35,14 @@ import numpy as np
 
 from wimfris_jax.backbones.bert import Bert, bert_config
 from wimfris_jax.backbones.swin import Swin, swin_config
-from wimfris_jax.backbones.vit import layer_norm
 from wimfris_jax.config_fields import choice, expand_preset
 from wimfris_jax.errors import ConfigError
+from wimfris_jax.families.vipa.decoder import VipaDecoder
+from wimfris_jax.families.vipa.fusion import TextCrossLayer, VisionLanguageFusion
+from wimfris_jax.families.vipa.losses import RELEVANCE_LOSSES, vipa_loss
+from wimfris_jax.families.vipa.veg import CUES, VEG
+from wimfris_jax.layers import layer_norm
 from wimfris_jax.normalization import to_imagenet
-from wimfris_jax.vipa.decoder import VipaDecoder
-from wimfris_jax.vipa.fusion import TextCrossLayer, VisionLanguageFusion
-from wimfris_jax.vipa.losses import RELEVANCE_LOSSES, vipa_loss
-from wimfris_jax.vipa.veg import CUES, VEG
 
 FUSIONS = ("early", "late", "none")
 KEY_VALUES = ("ve", "advanced_le", "vanilla_le")
@@ -69,7 +69,9 @@ class VIPA(nn.Module):
     logits_only: bool = False
 
     def _fuse(self, i: int, v: jnp.ndarray, words: jnp.ndarray, pad: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        return VisionLanguageFusion(dtype=self.image_encoder.dtype, name=f"vision_fusion_{i}")(v, words, pad)
+        swin = self.image_encoder
+        fusion = VisionLanguageFusion(dtype=swin.dtype, attention=swin.attention, name=f"vision_fusion_{i}")
+        return fusion(v, words, pad)
 
     def _cross(self, name: str, words: jnp.ndarray, vision: jnp.ndarray) -> jnp.ndarray:
         bert = self.text_encoder
