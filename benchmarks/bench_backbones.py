@@ -24,7 +24,7 @@ from benchmarks.timing import median_ms
 
 def bench_dinov2(batches: list[int], repeats: int) -> list[tuple]:
     from port_weights import dinov2 as port
-    from tests.torch_ref.backbones import dinov2_b14_reg4
+    from torch_ref.backbones import dinov2_b14_reg4
     from wimfris_jax.backbones import DinoV2
 
     ref = dinov2_b14_reg4(seed=0)
@@ -44,7 +44,7 @@ def bench_dinov2(batches: list[int], repeats: int) -> list[tuple]:
 
 def bench_clip(batch: int, length: int, repeats: int) -> list[tuple]:
     from port_weights import clip as port
-    from tests.torch_ref.backbones import clip_b16_text
+    from torch_ref.backbones import clip_b16_text
     from wimfris_jax.backbones import ClipText
 
     ref = clip_b16_text(seed=0)

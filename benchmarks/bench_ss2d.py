@@ -1,4 +1,4 @@
-"""SS2D and VMamba-B timings, ours (jax.jit, compile excluded) beside the PyTorch reference (tests/torch_ref/vmamba.py,
+"""SS2D and VMamba-B timings, ours (jax.jit, compile excluded) beside the PyTorch reference (torch_ref/vmamba.py,
 the official pure-torch scan semantics: a Python loop over the L = H * W steps).
 
     python -m benchmarks.bench_ss2d [--repeats 3] [--torch-threads 2] [--no-model] [--tfanet] [--no-ss2d]
@@ -26,7 +26,7 @@ import torch
 from benchmarks.timing import call_times
 from port_weights import vmamba as port
 from port_weights.common import convert
-from tests.torch_ref import vmamba as ref
+from torch_ref import vmamba as ref
 from wimfris_jax.backbones import VMamba, vmamba_config
 from wimfris_jax.config import load_config
 from wimfris_jax.model import build_model

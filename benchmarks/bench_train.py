@@ -5,7 +5,7 @@ Measures the jit-compiled train step of :mod:`wimfris_jax.train.step` on all loc
 ``compiled.memory_analysis()`` reports per device, and the step's FLOPs from ``compiled.cost_analysis()``
 with the utilisation they imply against a stated per-device peak.
 
-    python benchmarks/bench_train.py                                   # toy model (tests/toy_model.py)
+    python benchmarks/bench_train.py                                   # configs/tiny.py
     python benchmarks/bench_train.py --config configs/wimfris_b.py --batch 32 --dtype bfloat16 --peak-tflops 989
     python benchmarks/bench_train.py --config configs/wimfris_b.py --batch 32 --dtype bfloat16 --remat all \
         --compile-only                                                 # peak memory per remat mode, no step run
@@ -57,16 +57,9 @@ PEAK_TFLOPS = {  # per device, dense: (bfloat16, float32)
 
 
 def model_and_config(args, remat: str = "none"):
-    """(model, loss_fn, config); the toy model when no --config is given."""
-    if args.config:
-        config = load_config(args.config)
-        return *model_lib.training_model(config, remat), config
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    import toy_model
-
-    config = toy_model.toy_config()
-    config.data.image_size, config.data.mask_size = args.image_size, args.image_size // 2
-    return toy_model.ToyModel(width=args.toy_width), toy_model.toy_loss, config
+    """(model, loss_fn, config) of ``--config`` (default configs/tiny.py)."""
+    config = load_config(args.config or os.path.join(ROOT, "configs", "tiny.py"))
+    return *model_lib.training_model(config, remat), config
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -126,7 +119,7 @@ def compile_step(args, remat: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="config file with get_config() (default: the toy model)")
+    p.add_argument("--config", help="config file with get_config() (default: configs/tiny.py)")
     p.add_argument("--batch", type=int, help="global batch size (default: config.train.global_batch_size)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: from config)")
     p.add_argument("--fsdp", action="store_true", help="shard large params over the data axis")
@@ -135,8 +128,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--peak-tflops", type=float, help="per-device peak TFLOP/s for the utilisation column")
-    p.add_argument("--image-size", type=int, default=64, help="toy model only")
-    p.add_argument("--toy-width", type=int, default=32, help="toy model only")
     args = p.parse_args()
 
     modes = REMAT_MODES if args.remat == "all" else (args.remat,)

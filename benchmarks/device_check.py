@@ -21,7 +21,7 @@ JSON and the run goes on):
 
 ``--smoke`` runs the same code at tiny sizes (configs/tiny.py cut to 2 blocks and a DETRIS of the same sizes,
 2 images, small scans; XLA's backend optimisation off) so that the script cannot rot between device loans:
-tests/test_benchmarks.py runs it (about a minute on 2 CPU cores, nearly all of it compilation).
+tests/commands/test_benchmarks.py runs it (about a minute on 2 CPU cores, nearly all of it compilation).
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
 """Test-wide setup. XLA_FLAGS must be set before JAX starts, so it is set here, at collection time:
 eight virtual CPU devices let the sharding tests build an 8-device mesh on any machine.
 
-The test helpers beside this file (toy_model.py, fake_refcoco.py) are imported by their plain names
-(``from fake_refcoco import write_fake_refcoco``): this folder is put on ``sys.path`` here, whatever pytest's
-import mode."""
+The tests mirror the package: a folder per layer (core, data_pipeline, backbones, ssm, train, checkpoints,
+port_weights, commands) and per family (families/wimfris, families/tfanet, families/vipa). The helpers beside this
+file (helpers.py, toy_model.py, fake_refcoco.py, ...) are imported by their plain names (``from fake_refcoco import
+write_fake_refcoco``), the PyTorch references as ``torch_ref`` (the repository's torch_ref/, which the benchmarks use
+too): this folder and the repository are put on ``sys.path`` here, whatever pytest's import mode."""
 
 import contextlib
 import os
 import sys
 import tempfile
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+for _path in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))):
+    if _path not in sys.path:  # the repository (its packages, torch_ref/) and this folder (the shared helpers)
+        sys.path.insert(0, _path)
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,6 +1,6 @@
-"""The command round trip every model family goes through (tests/test_tfanet_model.py, tests/test_vipa_model.py):
-``wimfris train`` for three logged steps, ``wimfris eval`` of the run on the validation split, ``wimfris predict``
-on a fresh image."""
+"""The command round trip every model family goes through (tests/families/tfanet/test_tfanet_model.py,
+tests/families/vipa/test_vipa_model.py): ``wimfris train`` for three logged steps, ``wimfris eval`` of the run on
+the validation split, ``wimfris predict`` on a fresh image."""
 
 from __future__ import annotations
 

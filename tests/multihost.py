@@ -20,10 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from helpers import ROOT, python_path
 from limits import limit
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 
 def free_port() -> int:
@@ -40,7 +38,7 @@ def sets(*items: str) -> list[str]:
 
 def process_env(process_id: int, num_processes: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of process ``process_id``: this checkout importable, CPU, one device, jax.distributed."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=python_path())
     env.pop("XLA_FLAGS", None)  # one CPU device per process, as on a real host
     env.update(
         JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),

@@ -4,7 +4,8 @@ config validation read. A family package holds its module(s), its builder, its l
 parts only it uses live inside it (WIMFRIS's adapters, neck and decoder under ``families/wimfris/``). Shared parts
 (backbones, the selective scan, attention, layers, shared losses) stay outside.
 
-Adding a family is one package and one row (docs/ARCHITECTURE.md "Model families"; ``tests/test_families.py`` builds,
+Adding a family is one package and one row (docs/ARCHITECTURE.md "Model families";
+``tests/families/test_families.py`` builds,
 trains and summarises a toy family registered at run time)::
 
     FAMILY = Family(name="toy", build=build_toy, loss=toy_loss)

@@ -20,7 +20,8 @@ Decisions where the paper is silent:
   take the word features f_t (B, L, 512) straight to the hidden size (this is "f_t projected to the hidden
   size"; no separate text Linear). Dropout 0.1 on the attention weights, as DETRIS's adapter.
 - Key padding mask: padded word positions (id == 0) are masked out, as in the decoder. DETRIS attends to them;
-  masking makes the adapter independent of how far a sentence is padded (tested in tests/test_model.py).
+  masking makes the adapter independent of how far a sentence is padded (tested in
+  tests/families/wimfris/test_model.py).
 - Residual: ``x_mix + CrossAttn(x_mix)`` before Up, so the multi-scale features themselves (not only the
   attention weights they steer) reach the backbone; DETRIS likewise adds its pre-attention features back.
 - Prefix tokens skip the RFMixer (unchanged x0, as in DETRIS) but take part in the cross-attention.

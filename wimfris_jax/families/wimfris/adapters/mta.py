@@ -19,7 +19,7 @@ keeps the perturbation of the frozen stream small, and a zero Up would give ever
 exactly zero gradient at the first step. ``zero_init_up=True`` gives the identity-at-init variant.
 
 The scan is causal, so the output at a real token never depends on trailing padding (tested in
-tests/test_adapters.py).
+tests/families/wimfris/test_adapters.py).
 """
 
 from __future__ import annotations

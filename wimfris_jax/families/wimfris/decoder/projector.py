@@ -13,7 +13,8 @@ Text path: Linear(word_dim -> in_dim/2 * k * k + 1), split into a (in_dim/2, k, 
 BatchNorm: ``flax.linen.BatchNorm(momentum=0.9, epsilon=1e-5)`` = PyTorch's momentum 0.1. DETRIS trains with
 SyncBatchNorm; here no ``axis_name`` is needed: under ``jax.jit`` with the batch sharded over a mesh, the batch
 mean/variance are reductions over the global (logical) array, so they are global statistics automatically
-(tests/test_decoder.py checks an 8-device sharded batch against the unsharded one). One difference remains:
+(tests/families/wimfris/test_decoder.py checks an 8-device sharded batch against the unsharded one). One difference
+remains:
 flax updates the running variance with the biased batch variance, PyTorch with the unbiased one (factor
 n / (n - 1), n = B * H * W pixels; ~1e-6 relative at DETRIS's sizes).
 
