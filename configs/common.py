@@ -1,4 +1,4 @@
-"""Shared pieces of the WIMFRIS configs (big_vision style: Python files returning an ml_collections ConfigDict).
+"""Shared pieces of every family's configs (big_vision style: Python files returning an ml_collections ConfigDict).
 
 ``config.model`` keys (read by :func:`wimfris_jax.model.build_model`):
   image_size, word_len          448 and 17 (22 for G-Ref UMD)

@@ -138,7 +138,7 @@ def dense_aligner_rules(
 def text_adapter_rules(
     src: str = r"txt_backbone\.transformer\.resblocks\.(\d+)\.adapter\.", dst: str = r"text_adapter_\1"
 ) -> list[Rule]:
-    """D-MoC text adapters (:class:`wimfris_jax.families.wimfris.adapters.detris.TextAdapter`); ``src``/``dst`` as
+    """D-MoC text adapters (:class:`wimfris_jax.families.wimfris.adapters.detris.DMoC`); ``src``/``dst`` as
     above."""
     return _adapter_common(src, dst, conv1d)
 

@@ -12,6 +12,7 @@ and the padding is dropped after the forward. The post-processing is :func:`wimf
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,9 @@ import numpy as np
 from wimfris_jax.metrics import postprocess
 
 Forward = Callable[[Any, Any, Any], jax.Array]
-_FORWARDS: dict[int, tuple[Any, Forward]] = {}  # id(model) -> (model, jitted forward); keeps compiled fns
+MAX_CACHED = 4  # models whose compiled forward is kept (eval after eval of one run reuses it; a long process with many
+# models, e.g. a test session, does not keep every executable alive)
+_FORWARDS: collections.OrderedDict[int, tuple[Any, Forward]] = collections.OrderedDict()  # id(model) -> (model, fn)
 
 
 def forward_fn(model: Any) -> Forward:
@@ -30,6 +33,7 @@ def forward_fn(model: Any) -> Forward:
     (``train=False``: BatchNorm running statistics, no dropout), one per model (cached)."""
     cached = _FORWARDS.get(id(model))
     if cached is not None and cached[0] is model:
+        _FORWARDS.move_to_end(id(model))
         return cached[1]
 
     def forward(variables: Any, images: jax.Array, ids: jax.Array) -> jax.Array:
@@ -38,6 +42,8 @@ def forward_fn(model: Any) -> Forward:
 
     fn = jax.jit(forward)
     _FORWARDS[id(model)] = (model, fn)
+    while len(_FORWARDS) > MAX_CACHED:
+        _FORWARDS.popitem(last=False)
     return fn
 
 

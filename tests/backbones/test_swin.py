@@ -266,6 +266,6 @@ def test_swin_base_parity_480():
     x = _images(1, 480, 480, seed=6)
     stages, last = hf_outputs(model, x)
     ours = jax.jit(lambda v: Swin(**meta["config"]).apply({"params": params}, v))(x)
-    assert [o.shape[1:3] for o in ours["stages"]] == [(120, 120), (60, 60), (30, 30), (15, 15)]
+    assert [o.shape[1:3] for o in ours["hidden_states"][1:]] == [(120, 120), (60, 60), (30, 30), (15, 15)]
     errs = _errors(ours, stages, last)
     assert max(errs) <= 1e-4, errs

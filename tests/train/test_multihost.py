@@ -70,7 +70,7 @@ def _act(workdir: str, cache: str, logs: str, *, resume: bool, after: int, signu
     with Processes([*argv, *(["--resume"] if resume else [])], 2, logs, env={"JAX_COMPILATION_CACHE_DIR": cache}) as ps:
         logged = ps.wait_for_step(workdir, after)
         at = ps.signal(signum, which)
-        results = ps.finish(timeout=limit(300))
+        results = ps.finish(timeout=300)  # scaled for the machine by Processes.finish
     for r in results:
         assert "Traceback" not in r.stderr, r.stderr[-3000:]
     return Run(workdir, logged, at, results, committed_steps(os.path.join(workdir, "checkpoints")),

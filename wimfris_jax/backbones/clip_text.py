@@ -1,4 +1,5 @@
-"""CLIP text transformer (Radford et al. 2021), the frozen text encoder of WIMFRIS (Fig. 2a), as DETRIS uses it.
+"""CLIP text transformer (Radford et al. 2021): the frozen text encoder of WIMFRIS (Fig. 2a), as DETRIS uses it, and
+TFANet's text tower (trained there).
 
 Source: OpenAI ``clip/model.py`` (``CLIP.encode_text``) and transformers ``CLIPTextModel``; DETRIS reads it as in
 docs/detris_code.md ("Backbones and how they are read"):

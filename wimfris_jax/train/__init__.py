@@ -1,4 +1,5 @@
-"""Training machinery (WIMFRIS Sec. 4.1 recipe on a JAX device mesh).
+"""Training machinery for every model family on a JAX device mesh (the recipes: WIMFRIS Sec. 4.1 / DETRIS, and the
+peers' AdamW variants, :mod:`.optim`).
 
   state       TrainState, create_train_state, init_train_state (sharded init), abstract_state
   optim       Adam + step-decay schedule (make_optimizer, lr_schedule)

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the DETRIS / WIMFRIS recipe.
+"""Optimiser and learning-rate schedule of every family's recipe: DETRIS / WIMFRIS's, and the peers' variants below.
 
 DETRIS (config/*.yaml, train.py; docs/detris_code.md "Loss and training") and WIMFRIS Sec. 4.1: Adam
 (b1 0.9, b2 0.999, eps 1e-8), no weight decay, no gradient clipping, base lr 1e-4 (B) / 2e-4 (L),

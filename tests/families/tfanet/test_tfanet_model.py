@@ -2,6 +2,7 @@
 same train / eval / predict commands as WIMFRIS (configs/tfanet_tiny.py, its quick variant)."""
 
 
+import os
 import re
 
 import flax.linen as nn
@@ -9,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_cli import train_eval_predict
+from family_cli import demo_eval_predict
+from helpers import ROOT
 
 from wimfris_jax import summary
 from wimfris_jax.config import ConfigError, apply_overrides, load_config
@@ -87,8 +89,8 @@ def test_bad_family_is_one_line():
 
 
 @pytest.mark.slow  # ~2.5 min of compilation alone on 2 cores: in the slow set
-def test_tfanet_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
-    train_eval_predict(QUICK, tmp_path, capsys, "the red circle")
+def test_tfanet_demo_evaluates_and_predicts_through_the_cli(tmp_path, capsys, monkeypatch):
+    demo_eval_predict(os.path.join(ROOT, "configs", "tfanet_tiny.py"), tmp_path, capsys, monkeypatch, "the red circle")
 
 
 # Table 3's rows as overrides (configs/tfanet_b.py docstring): (level.attention, level.mixer, decoder.kind).

@@ -2,11 +2,14 @@
 variant), its ablation switches change exactly the parts they name, WordPiece ids reach it through the data
 pipeline, and it goes through the same train / eval / predict commands as WIMFRIS."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_cli import train_eval_predict
+from family_cli import demo_eval_predict
+from helpers import ROOT
 
 from data_pipeline.preprocess import preprocess_eval
 from data_pipeline.synthetic import SyntheticRefer
@@ -170,8 +173,9 @@ def test_wordpiece_ids_and_imagenet_statistics_reach_the_model():
 
 
 @pytest.mark.slow  # compilation dominates (train, eval and predict each compile the model)
-def test_vipa_trains_evaluates_and_predicts_through_the_cli(tmp_path, capsys):
-    train_eval_predict(QUICK, tmp_path, capsys, "the leftmost red circle")
+def test_vipa_demo_evaluates_and_predicts_through_the_cli(tmp_path, capsys, monkeypatch):
+    config = os.path.join(ROOT, "configs", "vipa_tiny.py")
+    demo_eval_predict(config, tmp_path, capsys, monkeypatch, "the leftmost red circle")
 
 
 def test_tokenizer_that_overflows_the_text_tower_is_refused(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from port_weights.common import ConversionError, convert
 from port_weights.detris import IGNORE, dense_aligner_rules, neck_rules, text_adapter_rules
-from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, TextAdapter
+from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, DMoC
 from wimfris_jax.families.wimfris.neck.detris import DetrisNeck, coord_features
 
 torch = pytest.importorskip("torch")
@@ -51,7 +51,7 @@ def _text_setup(width=24, dim=32, b=3, length=6, seed=0):
     ref = RefTA(width, dim).eval()
     randomize(ref, seed)
     x = np.random.default_rng(seed).normal(size=(b, length, width)).astype(np.float32)
-    model = TextAdapter(width=width, dim=dim)
+    model = DMoC(width=width, dim=dim)
     expected = {"params": {}, "batch_stats": {}}
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
     for col in expected:

@@ -24,7 +24,7 @@ import dataclasses
 
 import flax.linen as nn
 
-from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, TextAdapter
+from wimfris_jax.families.wimfris.adapters.detris import DenseAligner, DMoC
 from wimfris_jax.families.wimfris.adapters.msa import MultiScaleAligner, RFMixer
 from wimfris_jax.families.wimfris.adapters.mta import MambaTextAdapter
 
@@ -50,9 +50,9 @@ class AdapterKind:
 
 ADAPTERS: dict[str, AdapterKind] = {
     "mta": AdapterKind("text", MambaTextAdapter, "mta", "MTA", shared=("mamba",)),
-    "dmoc": AdapterKind("text", TextAdapter, "text_adapter", "text adapter (D-MoC)"),
+    "dmoc": AdapterKind("text", DMoC, "text_adapter", "text adapter (D-MoC)"),
     "msa": AdapterKind("vision", MultiScaleAligner, "msa", "MSA"),
     "dense_aligner": AdapterKind("vision", DenseAligner, "dense_aligner", "Dense Aligner"),
 }
 
-__all__ = ["ADAPTERS", "AdapterKind", "DenseAligner", "MambaTextAdapter", "MultiScaleAligner", "RFMixer", "TextAdapter"]
+__all__ = ["ADAPTERS", "AdapterKind", "DenseAligner", "MambaTextAdapter", "MultiScaleAligner", "RFMixer", "DMoC"]

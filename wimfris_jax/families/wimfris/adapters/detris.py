@@ -177,7 +177,7 @@ class DenseAligner(nn.Module):
         return self.scale * nn.Dense(self.width, kernel_init=vit_trunc_normal, dtype=self.dtype, name="D_fc2")(out)
 
 
-class TextAdapter(nn.Module):
+class DMoC(nn.Module):
     """DETRIS text adapter (D-MoC over word positions, 1-D convolutions), eq. (4): (B, L, width) -> (B, L, width).
 
     Token 0 (SOT) bypasses the convolutions. Unscaled: the model multiplies by its text-adapter scale (0.2).
@@ -194,7 +194,7 @@ class TextAdapter(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         """x: (B, L, width), the block's stream after attention (not layer-normed); L >= 2."""
         if x.shape[-1] != self.width or x.shape[1] < 2:
-            raise ValueError(f"TextAdapter(width={self.width}) needs (B, L >= 2, {self.width}); got {x.shape}")
+            raise ValueError(f"DMoC(width={self.width}) needs (B, L >= 2, {self.width}); got {x.shape}")
 
         def dense(features: int, fan_in: int, name: str) -> nn.Dense:
             return nn.Dense(
