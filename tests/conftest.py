@@ -20,7 +20,8 @@ for _path in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pa
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Ctrl-C as in a terminal, however the suite was started: a shell that starts a job in the background ignores SIGINT
-# for it, the workers inherit that, and the Ctrl-C tests (training saves and stops) would test nothing.
+# for it, the workers would inherit that, and so would the processes they start (a Python handler, unlike SIG_IGN, is
+# reset to the default across exec), and the Ctrl-C tests (training saves and stops) would test nothing.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

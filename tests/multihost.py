@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -63,12 +62,6 @@ class Result:
         return [line for line in self.stderr.splitlines() if line.startswith(prefix)]
 
 
-def _terminal_signals() -> None:
-    """In the child, before it runs: SIGINT as a terminal's foreground job has it. A suite started in the background
-    by a non-interactive shell ignores SIGINT, and children inherit that; the Ctrl-C test needs the default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Processes:
     """Context manager: ``len(argvs)`` processes of one ``jax.distributed`` run (``python -m wimfris_jax.cli`` +
     ``argv``), process *i* logging to ``logs/p<i>.out`` / ``.err``; killed (SIGKILL) on exit if still running."""
@@ -83,7 +76,7 @@ class Processes:
             with open(self.logs / f"p{i}.out", "w") as out, open(self.logs / f"p{i}.err", "w") as err:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "wimfris_jax.cli", *argv], cwd=ROOT, stdout=out, stderr=err,
-                    env=process_env(i, num_processes, port, env), preexec_fn=_terminal_signals,
+                    env=process_env(i, num_processes, port, env),
                 ))  # fmt: skip
 
     def __enter__(self) -> Processes:

@@ -23,6 +23,14 @@ from typing import Any
 KEY_BIAS = r"(^|/)(key|k)/bias$"
 
 
+def family_inputs(name: str, images: Any, ids: Any, logits_only: bool, train: bool | None) -> bool:
+    """Every family module's input contract: images (B, S, S, 3) and ids (B, L) of one batch, else a ValueError naming
+    the family; returns whether to give the logits alone (``logits_only`` and no ``train`` given: evaluation)."""
+    if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
+        raise ValueError(f"{name} expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
+    return logits_only and train is None
+
+
 def _no_lines(model_config: Any) -> list[str]:
     return []
 

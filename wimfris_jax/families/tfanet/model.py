@@ -35,6 +35,7 @@ from wimfris_jax.backbones.clip_text import ClipText, clip_text_config
 from wimfris_jax.backbones.vmamba import VMamba, vmamba_config
 from wimfris_jax.config_fields import choice, expand_preset, is_int
 from wimfris_jax.errors import ConfigError
+from wimfris_jax.families import family_inputs
 from wimfris_jax.families.tfanet.ablations import ATTENTIONS, DECODERS, MIXERS, SimpleDecoder
 from wimfris_jax.families.tfanet.level import TFANetLevel
 from wimfris_jax.families.tfanet.losses import foreground_logits, tfanet_loss
@@ -64,9 +65,7 @@ class TFANet(nn.Module):
     ) -> dict[str, jnp.ndarray] | jnp.ndarray:
         """images (B, S, S, 3) CLIP-normalised; ids (B, L) int32, 0 = padding -> dict (module docstring), or the
         logits (B, S/4, S/4) alone when ``logits_only`` and ``train`` is not given."""
-        logits_only = self.logits_only and train is None
-        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
-            raise ValueError(f"TFANet expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
+        logits_only = family_inputs("TFANet", images, ids, self.logits_only, train)
         pad_mask = ids == 0
         text = self.text_encoder(ids)
         words, state = text["last_hidden_state"], text["text_embeds"]

@@ -37,6 +37,7 @@ from wimfris_jax.backbones.bert import Bert, bert_config
 from wimfris_jax.backbones.swin import Swin, swin_config
 from wimfris_jax.config_fields import choice, expand_preset
 from wimfris_jax.errors import ConfigError
+from wimfris_jax.families import family_inputs
 from wimfris_jax.families.vipa.decoder import VipaDecoder
 from wimfris_jax.families.vipa.fusion import TextCrossLayer, VisionLanguageFusion
 from wimfris_jax.families.vipa.losses import RELEVANCE_LOSSES, vipa_loss
@@ -85,9 +86,7 @@ class VIPA(nn.Module):
     ) -> dict[str, jnp.ndarray] | jnp.ndarray:
         """images (B, S, S, 3) CLIP-normalised; ids (B, L) int32, 0 = padding -> dict (module docstring), or the
         logits (B, S/4, S/4) alone when ``logits_only`` and ``train`` is not given."""
-        logits_only = self.logits_only and train is None
-        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
-            raise ValueError(f"VIPA expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
+        logits_only = family_inputs("VIPA", images, ids, self.logits_only, train)
         bert, swin, n = self.text_encoder, self.image_encoder, len(self.image_encoder.depths)
         pad = ids == 0
         bounds = np.cumsum((0, *self.text_stages))

@@ -39,6 +39,7 @@ from wimfris_jax.backbones.clip_text import ClipText
 from wimfris_jax.backbones.dinov2 import DinoV2, dinov2_config
 from wimfris_jax.config_fields import choice, expand_preset
 from wimfris_jax.errors import ConfigError
+from wimfris_jax.families import family_inputs
 from wimfris_jax.families.wimfris.adapters import ADAPTERS
 from wimfris_jax.families.wimfris.decoder import Decoder, Projector
 from wimfris_jax.families.wimfris.losses import wimfris_loss
@@ -94,10 +95,8 @@ class Wimfris(nn.Module):
     ) -> dict[str, jnp.ndarray] | jnp.ndarray:
         """images (B, S, S, 3) CLIP-normalised; ids (B, L) int32, 0 = padding -> dict (module docstring), or the
         logits (B, 4h, 4w) alone when ``logits_only`` and ``train`` is not given (evaluation mode)."""
-        logits_only = self.logits_only and train is None
+        logits_only = family_inputs("Wimfris", images, ids, self.logits_only, train)
         train = bool(train)
-        if images.ndim != 4 or ids.ndim != 2 or images.shape[0] != ids.shape[0]:
-            raise ValueError(f"Wimfris expects images (B, S, S, 3) and ids (B, L); got {images.shape}, {ids.shape}")
         pad_mask = ids == 0
         text_mods = self._adapter_modules(self.text_kind, self.text_layers, self.text_kwargs, self.text_encoder.width)
         text_adapters = {i: (lambda x, m=m: self.text_scale * m(x, train=train)) for i, m in text_mods.items()}
