@@ -54,6 +54,7 @@ from wimfris_jax.errors import UserError
 from wimfris_jax.evaluate import data_settings, evaluate
 from wimfris_jax.inference import forward_fn, predict_batch
 from wimfris_jax.metrics import format_table, intersection_union
+from wimfris_jax.train.logging import read_metrics
 from wimfris_jax.train.loop import train
 from wimfris_jax.train.workdir import hold_workdir
 from wimfris_jax.visualize import grid, save_png
@@ -85,8 +86,7 @@ def existing_run(workdir: str, quick: bool, config: str | None) -> str | None:
 def smoke_checks(workdir: str, model: Any, config: Any) -> dict[str, Any]:
     """What a quick run proved: the training loss of its first and last logged steps (metrics.jsonl) and that its
     checkpoint fits the model the config builds (what ``wimfris predict`` loads); "line" says it in one line."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    losses = [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
     variables, meta = read_checkpoint(workdir)
     check_variables(variables, expected_variables(model, config.model), workdir, "the demo config")
     fell = bool(losses) and losses[-1] < losses[0]
