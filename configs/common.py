@@ -28,6 +28,9 @@ import ml_collections
 
 TRAINABLE = (r"^(?!text_encoder/|image_encoder/)",)  # everything but the two frozen backbones
 
+# config.init of the DINOv2 + CLIP ViT-B/16 text models (WIMFRIS, DETRIS): wimfris_jax/weights/catalog.py
+INIT_B = dict(image_encoder="hf:facebook/dinov2-with-registers-base", text_encoder="openai:ViT-B/16")
+INIT_L = dict(image_encoder="hf:facebook/dinov2-with-registers-large", text_encoder="openai:ViT-B/16")
 CLIP_B16_TEXT = dict(vocab_size=49408, width=512, depth=12, num_heads=8, context_length=77, proj_dim=512)
 
 
@@ -87,11 +90,19 @@ DATASETS = {
 
 
 def referring_config(
-    model: ml_collections.ConfigDict, arg: str | None, *, global_batch_size: int, lr: float, patch_size: int = 14
+    model: ml_collections.ConfigDict,
+    arg: str | None,
+    *,
+    global_batch_size: int,
+    lr: float,
+    patch_size: int = 14,
+    init: dict[str, str] | None = None,
 ) -> ml_collections.ConfigDict:
     """The whole config of a RefCOCO-family run: ``model``, ``data`` for the dataset ``arg`` names (a key of
-    :data:`DATASETS`; None: "refcoco"), ``train``. The sentence length lives once, in ``model.word_len``
-    (``data.word_len`` refers to it)."""
+    :data:`DATASETS`; None: "refcoco"), ``train``, and ``init``: ``{subtree: weights source}``, the pretrained
+    params ``wimfris train`` loads before training (sources by name: wimfris_jax/weights/sources.py; ``wimfris
+    weights list`` shows them, ``--init SUBTREE=SOURCE|none`` or ``--set init.SUBTREE=`` replace one). The sentence
+    length lives once, in ``model.word_len`` (``data.word_len`` refers to it)."""
     name = arg or "refcoco"
     if name not in DATASETS:
         raise ValueError(f"config argument {name!r} is not a dataset; choose one of {sorted(DATASETS)}")
@@ -103,6 +114,7 @@ def referring_config(
     config.data = data_config(name="refcoco_tfds", image_size=int(model.image_size), patch_size=patch_size, **fields)
     config.data.word_len = config.model.get_ref("word_len")
     config.train = train_config(global_batch_size=global_batch_size, lr=lr)
+    config.init = ml_collections.ConfigDict(dict(init or {}))
     return config
 
 

@@ -54,4 +54,4 @@ def model_config(*, vision, vision_layers, neck_taps):
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
     model = model_config(vision=dict(preset="b14_reg4"), vision_layers=(1, 3, 5, 7, 9, 11), neck_taps=(4, 8))
-    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4)
+    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4, init=common.INIT_B)

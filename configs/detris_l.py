@@ -21,4 +21,4 @@ from configs.detris_b import model_config
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
     model = model_config(vision=dict(preset="l14_reg4"), vision_layers=(2, 6, 10, 14, 18, 22), neck_taps=(8, 16))
-    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4)
+    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4, init=common.INIT_L)

@@ -37,6 +37,7 @@ docs/TFANET.md "Parameters")::
 """
 
 from configs import common
+from wimfris_jax.weights import catalog
 
 
 def model_config(*, image_size: int = 480, vision=None, text=None, level=None, decoder=None):
@@ -67,7 +68,8 @@ def model_config(*, image_size: int = 480, vision=None, text=None, level=None, d
 
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
-    config = common.referring_config(model_config(), arg, global_batch_size=8, lr=5e-5, patch_size=16)
+    init = dict(image_encoder=catalog.VMAMBA_B, text_encoder="openai:ViT-L/14")  # wimfris_jax/weights/catalog.py
+    config = common.referring_config(model_config(), arg, global_batch_size=8, lr=5e-5, patch_size=16, init=init)
     config.train.update(
         lr_milestones=(25,), weight_decay=1e-4, trainable=(".*",), lr_scale=(("^(text|image)_encoder/", 0.5),)
     )

@@ -63,9 +63,11 @@ def model_config(*, image_size: int = 480, text=None, vision=None, text_stages=(
 
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
-    config = common.referring_config(model_config(), arg, global_batch_size=16, lr=3e-5, patch_size=16)
+    bert = "hf:google-bert/bert-base-uncased"  # its weights and its vocab.txt (wimfris_jax/weights/catalog.py)
+    init = dict(image_encoder="hf:microsoft/swin-base-patch4-window12-384-in22k", text_encoder=bert)
+    config = common.referring_config(model_config(), arg, global_batch_size=16, lr=3e-5, patch_size=16, init=init)
     config.model.word_len = 21  # the dataset's DETRIS length does not apply (data.word_len follows)
-    config.data.tokenizer = "wordpiece:bert-base-uncased/vocab.txt"  # the vocab.txt beside your BERT weights
+    config.data.tokenizer = f"wordpiece:{bert}"  # or wordpiece:PATH, a local vocab.txt or the folder holding it
     config.train.update(
         epochs=40, lr_schedule="poly", lr_power=0.9, lr_milestones=(), weight_decay=1e-2, trainable=(".*",),
         no_decay=("^image_encoder/.*norm", "relative_position_bias_table"),  # CrossVLT's no-decay group (Swin's)

@@ -24,4 +24,4 @@ from configs import common
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
     model = common.model_config(vision=dict(preset="b14_reg4"), neck_taps=(4, 8))
-    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4)
+    return common.referring_config(model, arg, global_batch_size=32, lr=1e-4, init=common.INIT_B)

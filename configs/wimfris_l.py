@@ -20,4 +20,4 @@ from configs import common
 def get_config(arg: str | None = None):
     """``arg``: the dataset, "refcoco" (default) | "refcoco+" | "refcocog_umd" | "refcocog_google"."""
     model = common.model_config(vision=dict(preset="l14_reg4"), neck_taps=(8, 16), msa_layers=(2, 6, 10, 14, 18, 22))
-    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4)
+    return common.referring_config(model, arg, global_batch_size=64, lr=2e-4, init=common.INIT_L)

@@ -38,7 +38,14 @@ class VocabularyError(UserError, ValueError):
 
 
 def vocab_file(vocab: str | os.PathLike) -> str:
-    """The vocabulary file ``vocab`` names: the file itself, or a folder's ``vocab.txt`` / ``tokenizer.json``."""
+    """The vocabulary file ``vocab`` names: the file itself, or a folder's ``vocab.txt`` / ``tokenizer.json``, or a
+    named source (:mod:`wimfris_jax.weights.sources`): ``hf:ORG/NAME`` (its vocab.txt, e.g.
+    ``hf:google-bert/bert-base-uncased``), ``hf:ORG/NAME/FILE`` or a URL, fetched into the caches once."""
+    from wimfris_jax.weights.sources import fetch, hub_file, is_named, parse_source
+
+    if isinstance(vocab, str) and is_named(vocab):
+        source = parse_source(vocab)
+        return hub_file(source, source.path or "vocab.txt") if source.kind == "hf" else fetch(source).path
     path = os.path.abspath(os.fspath(vocab))
     if os.path.isdir(path):
         for name in ("vocab.txt", "tokenizer.json"):

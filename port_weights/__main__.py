@@ -49,22 +49,23 @@ def check_output(out: str) -> None:
         raise PermissionError(errno.EACCES, f"its folder {folder} is not writable", out)
 
 
-def convert(family: str, src: str, out: str) -> str:
-    """Converts ``src`` with the ``family`` converter and writes ``out``; returns the summary line. Upcast
-    warnings are printed as one line each (also when the conversion then fails); other warnings as usual."""
+def convert(family: str, src: str, out: str, *, meta: dict | None = None, prog: str = PROG) -> str:
+    """Converts ``src`` with the ``family`` converter and writes ``out`` (with ``meta`` added to the converter's);
+    returns the summary line. Upcast warnings are printed as one ``{prog}: warning:`` line each (also when the
+    conversion then fails); other warnings as usual."""
     check_output(out)
     module = importlib.import_module(FAMILIES[family])
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UpcastWarning)
-            params, meta = module.from_checkpoint(src)
+            params, found = module.from_checkpoint(src)
     finally:
         for w in caught:
             if issubclass(w.category, UpcastWarning):
-                print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+                print(f"{prog}: warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    save_params(out, params, meta)
+    save_params(out, params, {**found, **(meta or {})})
     flat = flatten(params)
     n = sum(v.size for v in flat.values())
     return f"wrote {out}: {len(flat)} arrays, {n:,} parameters ({family})"

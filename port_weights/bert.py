@@ -198,6 +198,9 @@ def convert_state_dict(
     return convert_family(BERT, state_dict, source, num_heads=num_heads, hf_config=hf_config)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Reads a BERT checkpoint (HF folder / .safetensors / .bin, e.g. ``bert-base-uncased``) -> (params, meta);
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.bert.Bert` fields and ``meta["source_dtypes"]``

@@ -240,6 +240,9 @@ def convert_state_dict(
     return convert_family(DETRIS, strip_prefix(state_dict, "module."), source, config=config)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str, config: str | Any | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads an official DETRIS checkpoint -> ``(variables, meta)``.
 

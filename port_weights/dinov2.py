@@ -249,6 +249,9 @@ def convert_state_dict(
     return convert_family(DINOV2, state_dict, source, num_heads=num_heads, hf_config=hf_config)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str, num_heads: int | None = None) -> tuple[dict, dict]:
     """Reads a DINOv2 checkpoint (torch-hub .pth, HF folder / .safetensors / .bin, DETRIS .pth) -> (params, meta).
 

@@ -132,6 +132,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "chec
     return convert_family(MAMBA, state_dict, source)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads a MambaMixer / MambaModel / MambaForCausalLM checkpoint (file or HF folder) -> (params, meta).
 

@@ -243,6 +243,9 @@ def convert_state_dict(
     return convert_family(SWIN, state_dict, source, hf_config=hf_config)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads a Swin checkpoint (official .pth, HF folder / .safetensors / .bin) -> (params, meta);
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.swin.Swin` fields."""

@@ -169,6 +169,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint"
     return convert_family(VMAMBA, state_dict, source)
 
 
+VERSION = 1  # of this converter's output; bump it when that changes (the key of port_weights.cache)
+
+
 def from_checkpoint(src: str) -> tuple[dict, dict]:
     """Reads an official VMamba checkpoint (weights under ``model`` or bare) -> (params, meta);
     ``meta["config"]`` holds the :class:`~wimfris_jax.backbones.VMamba` fields.

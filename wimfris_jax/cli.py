@@ -5,13 +5,16 @@
     wimfris eval --config C --checkpoint K [--step best|latest|N] --split S[,S...] [--json OUT]
     wimfris predict --checkpoint K [--step best|latest|N] [--config C] --image IMG [IMG ... | FOLDER] --text "..." \
         --out OUT
+    wimfris weights list [C ...] | fetch C [--init SUBTREE=SOURCE ...]   the configs' pretrained weights by name
     wimfris summary --config C
 
 Config overrides: ``--set train.lr=2e-4`` (repeatable; values are Python literals, else strings) or, as in
-the configs' docstrings, ``--config.train.lr=2e-4``. ``--init text_encoder=clip_b16.msgpack`` loads the
-params of a ``python -m port_weights`` file (or a run directory) into that subtree of the model before
-training (the pretrained backbones of WIMFRIS-B / -L). Multi-host jobs start ``jax.distributed`` from the
-environment before anything else (``wimfris_jax.train.sharding.maybe_initialize_distributed``).
+the configs' docstrings, ``--config.train.lr=2e-4``. Training starts from the pretrained subtrees ``config.init``
+names (WIMFRIS-B: ``image_encoder=hf:facebook/dinov2-with-registers-base``, ``text_encoder=openai:ViT-B/16``),
+fetched and converted once into the cache (:mod:`wimfris_jax.pretrained`); ``--init text_encoder=SOURCE`` replaces
+one (a name, a URL, a ``python -m port_weights`` file or a run directory), ``--init text_encoder=none`` drops it.
+Multi-host jobs start ``jax.distributed`` from the environment before anything else
+(``wimfris_jax.train.sharding.maybe_initialize_distributed``).
 
 Expected failures (bad input, missing files, a checkpoint that does not fit) print one ``wimfris <command>:
 error: ...`` message on stderr and exit with status 1; argument errors exit with status 2. What counts as bad
@@ -52,37 +55,30 @@ from wimfris_jax.train.hosts import distributed, leave
 from wimfris_jax.train.sharding import maybe_initialize_distributed
 
 
-def _parse_inits(items: Sequence[str]) -> dict[str, str]:
-    inits = {}
-    for item in items:
-        prefix, sep, path = item.partition("=")
-        if not sep or not prefix or not path:
-            raise ConfigError(f"--init {item!r} is not PREFIX=FILE (e.g. image_encoder=dinov2_b14_reg4.msgpack)")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--init {prefix}: no such file or run directory: {path}")
-        inits[prefix.strip("/")] = path
-    return inits
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     import jax
 
     from wimfris_jax import model as model_lib
+    from wimfris_jax.checkpoints.runs import committed_steps
     from wimfris_jax.config_check import validate
     from wimfris_jax.evaluate import make_eval_fn
+    from wimfris_jax.pretrained import init_sources, resolve
     from wimfris_jax.train.loop import train
 
     config = apply_overrides(load_config(args.config), args.set)
     if args.resume:
         config.train.resume = True
     validate(config, devices=jax.device_count())  # the batch splits over every device; before the workdir is made
+    sources = init_sources(config, args.init)  # checked before anything is fetched
+    if config.train.get("resume") and committed_steps(os.path.join(args.workdir, "checkpoints")):
+        sources = {}  # the run goes on from its checkpoint: nothing to fetch or convert
     tc = config.train
     model, loss_fn = model_lib.training_model(config)
     eval_fn = make_eval_fn(
         config, model, build_source(config.data, config.data.get("eval_split", "val")),
         batch_size=int(tc.get("eval_batch_size", 0) or tc.global_batch_size), max_examples=tc.get("eval_max_examples"),
     )  # fmt: skip
-    init_fn = pretrained_init_fn(model, config, _parse_inits(args.init)) if args.init else None
+    init_fn = pretrained_init_fn(model, config, resolve(config, sources)) if sources else None
     state = train(
         config, args.workdir, model=model, loss_fn=loss_fn,
         eval_fn=eval_fn, init_fn=init_fn,
@@ -136,6 +132,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.workdir, quick=args.quick, overrides=args.set, config=args.config, resume=args.resume)
 
 
+def cmd_weights(args: argparse.Namespace) -> None:
+    from wimfris_jax import pretrained
+
+    pretrained.main(args)
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     from wimfris_jax import summary
 
@@ -172,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, config.json, metrics, tb/")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     p.add_argument("--set", **overrides)
-    p.add_argument("--init", action="append", default=[], metavar="PREFIX=FILE", help="pretrained subtree")
+    p.add_argument("--init", action="append", default=[], metavar="SUBTREE=SOURCE",
+                   help="pretrained params of a subtree, replacing config.init's: hf:ORG/NAME[@REV], openai:ViT-B/16, "
+                   "https://...#sha256=HEX, a file or run directory, or none")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", parents=[common], help="score a checkpoint (mIoU, oIoU, Prec@X)")
@@ -205,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="another model's demo config, e.g. configs/tfanet_tiny.py (default: WIMFRIS)")
     p.add_argument("--set", **overrides)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("weights", parents=[common], help="list or fetch the pretrained weights configs name")
+    p.add_argument("action", choices=("list", "fetch"))
+    p.add_argument("config", nargs="*", help="config file(s) (list: default every config of configs/; fetch: one)")
+    p.add_argument("--init", action="append", default=[], metavar="SUBTREE=SOURCE", help="as wimfris train's")
+    p.add_argument("--set", **overrides)
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("summary", parents=[common], help="parameter counts of a config")
     p.add_argument("--config", required=True)

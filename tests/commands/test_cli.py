@@ -88,7 +88,7 @@ def test_bad_override_and_missing_config_fail_cleanly(capsys, tmp_path):
     code, err = _main(capsys, "train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path))
     assert code == 1 and "none.py" in err and len(err.strip().splitlines()) == 1
     code, err = _main(capsys, "train", "--config", tiny, "--workdir", str(tmp_path), "--init", "text_encoder")
-    assert code == 1 and "is not PREFIX=FILE" in err
+    assert code == 1 and "is not SUBTREE=SOURCE" in err
 
 
 @pytest.fixture(scope="module")

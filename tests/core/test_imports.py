@@ -93,7 +93,10 @@ def import_graph(known: dict[str, str], lazy: bool = True) -> dict[str, set[str]
 
 # Layering (docs/ARCHITECTURE.md "Layers"): (importer prefix, forbidden import prefixes, why). Prefixes match a
 # module and its submodules ("wimfris_jax.train" is the package and everything in it).
-COMMANDS = ("wimfris_jax.cli", "wimfris_jax.demo", "wimfris_jax.evaluate", "wimfris_jax.predict", "wimfris_jax.load")
+COMMANDS = (
+    "wimfris_jax.cli", "wimfris_jax.demo", "wimfris_jax.evaluate", "wimfris_jax.predict", "wimfris_jax.load",
+    "wimfris_jax.pretrained",
+)  # fmt: skip
 MODEL = (
     "wimfris_jax.model", "wimfris_jax.families", "wimfris_jax.backbones", "wimfris_jax.ssm",
     "wimfris_jax.layers", "wimfris_jax.attention", "wimfris_jax.losses", "wimfris_jax.normalization",
@@ -106,7 +109,10 @@ LAYERS = [
     ("port_weights", COMMANDS + ("wimfris_jax.train",), "converters never import training or the commands"),
     ("data_pipeline", ("wimfris_jax",), "the data pipeline imports only the core (errors, io, normalization)"),
 ]
-DATA_MAY_IMPORT = ("wimfris_jax", "wimfris_jax.errors", "wimfris_jax.io", "wimfris_jax.normalization")  # lazy __init__
+DATA_MAY_IMPORT = (
+    "wimfris_jax", "wimfris_jax.errors", "wimfris_jax.io", "wimfris_jax.normalization",  # the __init__ is lazy
+    "wimfris_jax.weights", "wimfris_jax.weights.sources", "wimfris_jax.weights.download",  # named vocabularies
+)  # fmt: skip
 
 
 def _under(module: str, prefixes: tuple[str, ...]) -> bool:

@@ -60,6 +60,8 @@ class Family:
       source_only: ``config.model -> count`` of source-checkpoint entries the model does not store (DETRIS).
       check: ``(config.model, built module) -> problems`` (one line each) that a config can cause and the module
         would only meet at its first call (:mod:`wimfris_jax.config_check`).
+      pretrained: ``{subtree: converter}``: which ``python -m port_weights`` converter turns a source named for that
+        subtree (``config.init``, ``wimfris train --init``) into its params, e.g. ``{"image_encoder": "dinov2"}``.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Family:
     describe: Callable[[Any], list[str]] = _no_lines
     source_only: Callable[[Any], int] = _nothing
     check: Callable[[Any, Any], list[str]] = _no_problems
+    pretrained: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def groups(self) -> Sequence[tuple[str, str]]:
         """The summary's rows: the two backbones, then the family's groups."""

@@ -57,6 +57,7 @@ FAMILY = Family(
     summary_groups=(("alignment units", "level_"), ("decoder", "decoder")),
     describe=describe,
     check=check_tfanet,
+    pretrained={"image_encoder": "vmamba", "text_encoder": "clip"},
 )
 
 __all__ = [

@@ -57,6 +57,7 @@ FAMILY = Family(
     ),
     describe=describe,
     check=check_vipa,
+    pretrained={"image_encoder": "swin", "text_encoder": "bert"},
 )
 
 __all__ = ["FAMILY", "VIPA", "build_vipa", "vipa_loss_fn"]

@@ -77,6 +77,7 @@ FAMILY = Family(
     describe=describe,
     source_only=source_only,
     check=check_wimfris,
+    pretrained={"image_encoder": "dinov2", "text_encoder": "clip"},
 )
 
 __all__ = ["FAMILY", "Wimfris", "build_wimfris", "wimfris_loss_fn"]

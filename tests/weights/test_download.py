@@ -1,6 +1,7 @@
-"""port_weights.download against a local HTTP server (tests/http_server.py; no internet): the file and its sha256,
-checksum mismatch, resume after a dropped body and from a part left on disk, servers that ignore Range or answer 416,
-one-line HTTP / connection / scheme errors, the size limit before and while reading, the disk space check."""
+"""wimfris_jax.weights.download against a local HTTP server (tests/http_server.py; no internet): the file and its
+sha256, checksum mismatch, resume after a dropped body and from a part left on disk, servers that ignore Range or
+answer 416, one-line HTTP / connection / scheme errors, the size limit before and while reading, the disk space
+check."""
 
 import hashlib
 import socket
@@ -10,9 +11,9 @@ import pytest
 from http_server import LocalServer
 from limits import limit
 
-from port_weights import download as download_module
-from port_weights.download import DownloadArgumentError, DownloadError, download
 from wimfris_jax.errors import UserError, is_user_error
+from wimfris_jax.weights import download as download_module
+from wimfris_jax.weights.download import DownloadArgumentError, DownloadError, download
 
 DATA = bytes(range(256)) * (10 * 1024 + 7)  # 2.5 MiB and a bit: three chunks
 SHA = hashlib.sha256(DATA).hexdigest()

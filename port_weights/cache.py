@@ -1,0 +1,102 @@
+"""Converted weights, cached: a source (:mod:`wimfris_jax.weights.sources`) -> a ``.msgpack`` the model loads.
+
+    path, hit = converted("hf:facebook/dinov2-with-registers-base", "dinov2")   # first run: fetch + convert
+    path, hit = converted("hf:facebook/dinov2-with-registers-base", "dinov2")   # later: hit=True, at once
+
+The file is ``<cache>/converted/<family>-<key>.msgpack`` (``<cache>``: ``$WIMFRIS_CACHE``, else
+``~/.cache/wimfris_jax``), the key a hash of the source's identity (the Hugging Face commit, the sha256 of a
+download, a local file's size and mtime), the converter (``port_weights.<family>``), its ``VERSION`` and
+:data:`FORMAT`; a new revision upstream or a new converter version converts again, nothing else does. The file's meta
+records the source and its identity. It is written under a lock (processes of one multi-host job on a shared disk
+convert once) and renamed into place (:func:`wimfris_jax.io.save_params`): an interrupted conversion leaves nothing
+that looks finished.
+
+A local ``.msgpack`` or training run directory is used as it is (:func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+
+from port_weights.__main__ import FAMILIES, convert
+from wimfris_jax.errors import UserError
+from wimfris_jax.weights.sources import Fetched, Source, cache_dir, fetch, local, parse_source
+
+FORMAT = 1  # of the shared converter code (port_weights.common / protocol / checkpoint) and the file layout
+
+
+def key(fetched: Fetched, family: str) -> str:
+    """The cache key of ``fetched`` converted by ``family``: 20 hex digits."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown converter {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    version = importlib.import_module(FAMILIES[family]).VERSION
+    text = json.dumps([fetched.identity, family, version, FORMAT])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def cached_path(fetched: Fetched, family: str) -> str:
+    """Where the conversion of ``fetched`` by ``family`` is (or will be) cached."""
+    return os.path.join(cache_dir(), "converted", f"{family}-{key(fetched, family)}.msgpack")
+
+
+def cached(spec: str, family: str) -> bool:
+    """Whether ``spec`` is ready without network or conversion: a local converted file, or converted in the cache."""
+    source = parse_source(spec)
+    if source.kind == "file" and os.path.exists(source.location) and is_converted(source.location):
+        return True
+    fetched = local(source)
+    return fetched is not None and family in FAMILIES and os.path.exists(cached_path(fetched, family))
+
+
+def is_converted(path: str) -> bool:
+    """A local file or folder the model reads as it is: a converted ``.msgpack`` or a training run (step) folder."""
+    if os.path.isfile(path):
+        return path.endswith(".msgpack")
+    return os.path.isdir(path) and not any(
+        n.endswith((".safetensors", ".bin", ".pth", ".pt")) for n in os.listdir(path)
+    )  # a Hugging Face folder holds weights files; a run directory holds checkpoints/ and config.json
+
+
+def resolve(spec: str, family: str, *, progress: bool = True, prog: str = "wimfris") -> str:
+    """The ``.msgpack`` (or run directory) for ``spec``: a local converted file or run as it is, else
+    :func:`converted`."""
+    source = parse_source(spec)
+    if source.kind == "file" and os.path.exists(source.location) and is_converted(source.location):
+        return source.location
+    return converted(source, family, progress=progress, prog=prog)[0]
+
+
+def converted(source: Source | str, family: str, *, progress: bool = True, prog: str = "wimfris") -> tuple[str, bool]:
+    """``(path, hit)``: the cached conversion of ``source`` by the ``family`` converter, made now if missing (hit
+    False). Converter warnings are printed as one ``{prog}: warning:`` line each."""
+    fetched = fetch(source, progress=progress)
+    out = cached_path(fetched, family)
+    if os.path.exists(out):
+        return out, True
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with _locked(out + ".lock"):
+        if os.path.exists(out):  # another process converted it while we waited
+            return out, True
+        if progress:
+            print(f"converting {fetched.source.spec} ({family}) into {out}", file=sys.stderr)
+        convert(family, fetched.path, out, meta={"source": fetched.source.spec, "identity": fetched.identity},
+                prog=prog)  # fmt: skip  (written atomically: io.save_params)
+    return out, False
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive OS lock on ``path`` (released when the process ends, even by a crash)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
