@@ -49,8 +49,11 @@ def check_output(out: str) -> None:
         raise PermissionError(errno.EACCES, f"its folder {folder} is not writable", out)
 
 
-def convert(family: str, src: str, out: str, *, meta: dict | None = None, prog: str = PROG) -> str:
-    """Converts ``src`` with the ``family`` converter and writes ``out`` (with ``meta`` added to the converter's);
+def convert(
+    family: str, src: str, out: str, *, meta: dict | None = None, prog: str = PROG, options: dict | None = None
+) -> str:
+    """Converts ``src`` with the ``family`` converter (its ``from_checkpoint(src, **options)``) and writes ``out``
+    (with ``meta`` added to the converter's);
     returns the summary line. Upcast warnings are printed as one ``{prog}: warning:`` line each (also when the
     conversion then fails); other warnings as usual."""
     check_output(out)
@@ -58,7 +61,7 @@ def convert(family: str, src: str, out: str, *, meta: dict | None = None, prog: 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UpcastWarning)
-            params, found = module.from_checkpoint(src)
+            params, found = module.from_checkpoint(src, **(options or {}))
     finally:
         for w in caught:
             if issubclass(w.category, UpcastWarning):

@@ -23,7 +23,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from port_weights.__main__ import FAMILIES, convert
 from wimfris_jax.errors import UserError
@@ -32,18 +33,20 @@ from wimfris_jax.weights.sources import Fetched, Source, cache_dir, fetch, local
 FORMAT = 1  # of the shared converter code (port_weights.common / protocol / checkpoint) and the file layout
 
 
-def key(fetched: Fetched, family: str) -> str:
-    """The cache key of ``fetched`` converted by ``family``: 20 hex digits."""
+def key(fetched: Fetched, family: str, options: Mapping[str, Any] | None = None) -> str:
+    """The cache key of ``fetched`` converted by ``family`` with ``options`` (e.g. DETRIS's ``config``: a file name or
+    a ConfigDict, keyed by its JSON): 20 hex digits."""
     if family not in FAMILIES:
         raise UserError(f"unknown converter {family!r}; known: {', '.join(sorted(FAMILIES))}")
     version = importlib.import_module(FAMILIES[family]).VERSION
-    text = json.dumps([fetched.identity, family, version, FORMAT])
+    shown = {k: v.to_json(sort_keys=True) if hasattr(v, "to_json") else str(v) for k, v in (options or {}).items()}
+    text = json.dumps([fetched.identity, family, version, FORMAT, shown], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def cached_path(fetched: Fetched, family: str) -> str:
-    """Where the conversion of ``fetched`` by ``family`` is (or will be) cached."""
-    return os.path.join(cache_dir(), "converted", f"{family}-{key(fetched, family)}.msgpack")
+def cached_path(fetched: Fetched, family: str, options: Mapping[str, Any] | None = None) -> str:
+    """Where the conversion of ``fetched`` by ``family`` (with ``options``) is (or will be) cached."""
+    return os.path.join(cache_dir(), "converted", f"{family}-{key(fetched, family, options)}.msgpack")
 
 
 def cached(spec: str, family: str) -> bool:
@@ -64,20 +67,28 @@ def is_converted(path: str) -> bool:
     )  # a Hugging Face folder holds weights files; a run directory holds checkpoints/ and config.json
 
 
-def resolve(spec: str, family: str, *, progress: bool = True, prog: str = "wimfris") -> str:
+def resolve(spec: str, family: str, *, options: Mapping[str, Any] | None = None, progress: bool = True) -> str:
     """The ``.msgpack`` (or run directory) for ``spec``: a local converted file or run as it is, else
     :func:`converted`."""
     source = parse_source(spec)
     if source.kind == "file" and os.path.exists(source.location) and is_converted(source.location):
         return source.location
-    return converted(source, family, progress=progress, prog=prog)[0]
+    return converted(source, family, options=options, progress=progress)[0]
 
 
-def converted(source: Source | str, family: str, *, progress: bool = True, prog: str = "wimfris") -> tuple[str, bool]:
-    """``(path, hit)``: the cached conversion of ``source`` by the ``family`` converter, made now if missing (hit
-    False). Converter warnings are printed as one ``{prog}: warning:`` line each."""
+def converted(
+    source: Source | str,
+    family: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    prog: str = "wimfris",
+) -> tuple[str, bool]:
+    """``(path, hit)``: the cached conversion of ``source`` by the ``family`` converter (``from_checkpoint(path,
+    **options)``), made now if missing (hit False). Converter warnings are printed as one ``{prog}: warning:`` line
+    each."""
     fetched = fetch(source, progress=progress)
-    out = cached_path(fetched, family)
+    out = cached_path(fetched, family, options)
     if os.path.exists(out):
         return out, True
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -86,8 +97,8 @@ def converted(source: Source | str, family: str, *, progress: bool = True, prog:
             return out, True
         if progress:
             print(f"converting {fetched.source.spec} ({family}) into {out}", file=sys.stderr)
-        convert(family, fetched.path, out, meta={"source": fetched.source.spec, "identity": fetched.identity},
-                prog=prog)  # fmt: skip  (written atomically: io.save_params)
+        meta = {"source": fetched.source.spec, "identity": fetched.identity}
+        convert(family, fetched.path, out, meta=meta, prog=prog, options=dict(options or {}))  # atomic: save_params
     return out, False
 
 

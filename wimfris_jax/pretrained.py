@@ -66,6 +66,18 @@ def resolve(config: Any, sources: dict[str, str], *, progress: bool = True) -> d
     return {k: resolve_one(spec, converters.get(k, ""), progress=progress) for k, spec in sources.items()}
 
 
+def local_checkpoint(checkpoint: str | os.PathLike, config: Any = None, *, progress: bool = True) -> str:
+    """A released whole-model checkpoint by name (``hf:thuteam/DETRIS/base/base_refcoco.pth``, a URL) -> its
+    conversion in the cache by DETRIS's converter (the one whole-model converter; ``config``, a config file or
+    ConfigDict, sizes it, else its DINOv2 width picks configs/detris_b.py or detris_l.py); anything else unchanged."""
+    checkpoint = os.fspath(checkpoint)
+    if not is_named(checkpoint):
+        return checkpoint
+    from port_weights.cache import resolve as resolve_one
+
+    return resolve_one(checkpoint, "detris", options={"config": config} if config else None, progress=progress)
+
+
 def vocabulary_source(config: Any) -> str | None:
     """The named WordPiece vocabulary of ``config.data.tokenizer`` (``wordpiece:hf:...``), None for any other."""
     kind, _, vocab = str(config.get("data", {}).get("tokenizer", "clip")).partition(":")
