@@ -1,11 +1,13 @@
-"""The ``wimfris`` command: train, eval, predict, demo, summary.
+"""The ``wimfris`` command: train, eval, predict, serve, demo, weights, summary.
 
     wimfris demo [--workdir W] [--quick] [--config C] [--resume]    offline: train the tiny model on synthetic shapes
-    wimfris train --config C --workdir W [--resume] [--set KEY=VALUE ...] [--init PREFIX=FILE ...]
+    wimfris train --config C --workdir W [--resume] [--set KEY=VALUE ...] [--init SUBTREE=SOURCE ...]
     wimfris eval --config C --checkpoint K [--step best|latest|N] --split S[,S...] [--json OUT]
     wimfris predict --checkpoint K [--step best|latest|N] [--config C] --image IMG [IMG ... | FOLDER] --text "..." \
         --out OUT
     wimfris weights list [C ...] | fetch C [--init SUBTREE=SOURCE ...]   the configs' pretrained weights by name
+    wimfris serve --checkpoint K [--step best|latest|N] [--config C] [--host 127.0.0.1] [--port 7860] \
+        [--batch-size B]                                        a prediction page and HTTP API (Gradio)
     wimfris summary --config C
 
 Config overrides: ``--set train.lr=2e-4`` (repeatable; values are Python literals, else strings) or, as in
@@ -126,6 +128,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from wimfris_jax.serve import serve  # gradio itself is imported by serve(), with its network calls off
+
+    serve(args.checkpoint, config=args.config, which=args.step, batch_size=args.batch_size, host=args.host,
+          port=args.port)  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from wimfris_jax.demo import run_demo
 
@@ -200,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for <name>_mask.png and <name>_overlay.png")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", parents=[common], help="an interactive prediction page and HTTP API (Gradio)")
+    p.add_argument("--checkpoint", required=True, help="run directory, step folder or converted weights file")
+    p.add_argument("--step", **step)
+    p.add_argument("--config", help="config file (default: config.json of the checkpoint's run)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="port (default: 7860)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sentences per forward call (compiled once)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", parents=[common], help="offline demo: train the tiny model on synthetic shapes, ...")
     p.add_argument("--workdir", help="run directory (default: ./wimfris_demo, ./wimfris_demo_tfanet for "

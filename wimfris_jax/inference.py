@@ -62,10 +62,12 @@ def predict_batch(
     image_size: int,
     batch_size: int,
     sharding: Any = None,
-) -> list[np.ndarray]:
+    post: Callable[..., Any] = postprocess,
+) -> list[Any]:
     """The original-size bool masks (H_i, W_i) of ``n <= batch_size`` letterboxed, normalised images (n, S, S, 3)
     and their ids (n, L): one forward call on the batch padded to ``batch_size``; ``sharding``: where the batch goes
-    (several local devices), else the default device."""
+    (several local devices), else the default device. ``post(logits (h, w), inv_matrix, (H, W), image_size)``: what
+    each logit map becomes (default :func:`~wimfris_jax.metrics.postprocess`, the bool mask)."""
     n = len(images)
     if not 0 < n <= batch_size:
         raise ValueError(f"predict_batch: {n} records for a batch of {batch_size}")
@@ -73,4 +75,4 @@ def predict_batch(
     if sharding is not None:
         x, t = jax.device_put((x, t), sharding)
     logits = np.asarray(forward(variables, x, t))[:n]
-    return [postprocess(lg, m, (int(h), int(w)), image_size) for lg, m, (h, w) in zip(logits, inv_matrices, sizes)]
+    return [post(lg, m, (int(h), int(w)), image_size) for lg, m, (h, w) in zip(logits, inv_matrices, sizes)]

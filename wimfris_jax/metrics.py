@@ -26,25 +26,14 @@ PREC_AT = (0.5, 0.6, 0.7, 0.8, 0.9)
 IOU_EPS = 1e-6
 
 
-def postprocess(
+def probability_map(
     logits: np.ndarray,
     inv_matrix: np.ndarray,
     orig_size: Sequence[int],
     image_size: int | Sequence[int] = 448,
-    threshold: float = THRESHOLD,
 ) -> np.ndarray:
-    """Mask logits of the letterboxed input -> binary mask of the original image.
-
-    Args:
-      logits: (h, w) logits (128 x 128 for a 448 input).
-      inv_matrix: (2, 3) affine matrix from letterbox to original pixel coordinates (DETRIS's ``inverse``).
-      orig_size: (H, W) of the original image.
-      image_size: side (or (height, width)) of the letterboxed network input.
-      threshold: on the probability, strict ``>``.
-
-    Returns:
-      (H, W) bool.
-    """
+    """Mask logits of the letterboxed input -> (H, W) float32 foreground probability on the original image: sigmoid,
+    bicubic to the input size, inverse letterbox warp (arguments as :func:`postprocess`, which thresholds this)."""
     logits = np.asarray(logits, np.float32)
     if logits.ndim != 2:
         raise ValueError(f"postprocess expects (h, w) logits, got shape {logits.shape}")
@@ -59,8 +48,29 @@ def postprocess(
         rw = resize_matrix(w, iw, mode="bicubic", align_corners=True)
         prob = (rh @ prob.astype(np.float64) @ rw.T).astype(np.float32)
     oh, ow = (int(s) for s in orig_size)
-    prob = cv2.warpAffine(prob, inv_matrix, (ow, oh), flags=cv2.INTER_CUBIC, borderValue=0.0)
-    return prob > threshold
+    return cv2.warpAffine(prob, inv_matrix, (ow, oh), flags=cv2.INTER_CUBIC, borderValue=0.0)
+
+
+def postprocess(
+    logits: np.ndarray,
+    inv_matrix: np.ndarray,
+    orig_size: Sequence[int],
+    image_size: int | Sequence[int] = 448,
+    threshold: float = THRESHOLD,
+) -> np.ndarray:
+    """Mask logits of the letterboxed input -> binary mask of the original image.
+
+    Args:
+      logits: (h, w) logits (128 x 128 for a 448 input).
+      inv_matrix: (2, 3) affine matrix from letterbox to original pixel coordinates (DETRIS's ``inverse``).
+      orig_size: (H, W) of the original image.
+      image_size: side (or (height, width)) of the letterboxed network input.
+      threshold: on the probability (:func:`probability_map`), strict ``>``.
+
+    Returns:
+      (H, W) bool.
+    """
+    return probability_map(logits, inv_matrix, orig_size, image_size) > threshold
 
 
 def intersection_union(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from wimfris_jax.evaluate import data_settings
 from wimfris_jax.inference import forward_fn, predict_batch
 from wimfris_jax.io import ensure_writable_dir
 from wimfris_jax.load import load_model
+from wimfris_jax.metrics import postprocess
 from wimfris_jax.visualize import mask_image, overlay, save_png
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -101,14 +102,20 @@ def find_config(checkpoint: str, config: str | None = None) -> Any:
 
 
 def _batch_masks(
-    forward: Any, variables: Any, images: Sequence[np.ndarray], ids: np.ndarray, image_size: int
-) -> list[np.ndarray]:
+    forward: Any,
+    variables: Any,
+    images: Sequence[np.ndarray],
+    ids: np.ndarray,
+    image_size: int,
+    post: Any = postprocess,
+) -> list[Any]:
     """(H_i, W_i) bool masks of ``images`` (at most B uint8 RGB (H_i, W_i, 3)) from one forward call on ``ids``
-    (B, L), the batch padded to B by repeating its last image (one compiled shape for every batch)."""
+    (B, L), the batch padded to B by repeating its last image (one compiled shape for every batch); ``post``: see
+    :func:`~wimfris_jax.inference.predict_batch`."""
     x = np.stack([normalize(letterbox_image(im, image_size)) for im in images])
     sizes = [im.shape[:2] for im in images]
     inv = [inverse_letterbox_matrix(h, w, image_size) for h, w in sizes]
-    return predict_batch(forward, variables, x, ids[: len(images)], inv, sizes, image_size, len(ids))
+    return predict_batch(forward, variables, x, ids[: len(images)], inv, sizes, image_size, len(ids), post=post)
 
 
 def predict_stream(
