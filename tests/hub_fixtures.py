@@ -67,6 +67,17 @@ def clip_text_bin() -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
+def offline_hub(monkeypatch, hf_cache: str | os.PathLike, wimfris_cache: str | os.PathLike) -> None:
+    """This process: the Hub offline with ``hf_cache`` as its cache (huggingface_hub read the environment when it
+    was imported, so its constants are set), converted weights in ``wimfris_cache``."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WIMFRIS_CACHE", str(wimfris_cache))
+
+
 def hub_env(cache: str | os.PathLike, wimfris_cache: str | os.PathLike) -> dict[str, str]:
     """Environment of a subprocess that must find weights only in these caches (offline Hub)."""
     return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WIMFRIS_CACHE": str(wimfris_cache)}

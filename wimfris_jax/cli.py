@@ -286,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("train", "eval", "demo"):  # multi-host start-up, before any JAX computation
                 prepare_libtpu()
                 maybe_initialize_distributed()
+            if getattr(args, "checkpoint", None):  # a released checkpoint by name: its conversion in the cache
+                from wimfris_jax.pretrained import local_checkpoint
+
+                args.checkpoint = local_checkpoint(args.checkpoint, args.config)
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:  # training's TrainingInterrupted says where it stopped and what it saved
         print(f"wimfris {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -17,7 +17,9 @@ in evaluation mode (BatchNorm running statistics, no dropout) and returns the ma
 - a training run directory (wimfris_jax/train/checkpoint.py layout): its best checkpoint if one was kept, else
   its latest; ``which`` picks "best", "latest" or a step. A damaged checkpoint is skipped for the newest intact
   one (with a warning) unless a step number was asked for. The run is only read, so it may be training; or
-- one step folder of a run (``<run>/checkpoints/<N>``, ``<run>/best/<N>``).
+- one step folder of a run (``<run>/checkpoints/<N>``, ``<run>/best/<N>``); or
+- a released DETRIS checkpoint by name (``hf:thuteam/DETRIS/base/base_refcoco.pth`` or a URL), fetched and converted
+  once into the cache (:func:`wimfris_jax.pretrained.local_checkpoint`).
 
 The checkpoint must fit the config exactly: a :class:`CheckpointMismatch` names every missing, unexpected and
 mis-shaped variable, and a position-resampling rule in the file's meta that differs from the config's.
@@ -36,6 +38,7 @@ from wimfris_jax.checkpoints import CheckpointMismatch, check_variables, expecte
 from wimfris_jax.config import resolve_config
 from wimfris_jax.io import flatten, unflatten
 from wimfris_jax.model import build_model
+from wimfris_jax.pretrained import local_checkpoint
 from wimfris_jax.train.state import init_variables
 
 
@@ -55,6 +58,7 @@ def load_model(
       CheckpointError (a ValueError): a damaged checkpoint (and no intact one to fall back to), a directory that
         is not a run, an unfinished save, a file that is not a parameter file.
     """
+    checkpoint = local_checkpoint(checkpoint, config if isinstance(config, (str, os.PathLike)) else None)
     cfg, config_name = resolve_config(config)
     model_config = cfg.model if hasattr(cfg, "model") else cfg
     model = build_model(model_config).clone(logits_only=True)

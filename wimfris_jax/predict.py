@@ -73,7 +73,7 @@ def check_sentence(text: str | None) -> str:
     return text
 
 
-def _unreadable(path: str, error: ExampleError) -> str:
+def unreadable_image(path: str, error: ExampleError) -> str:
     """The one-line report of an image that cannot be used."""
     if isinstance(error, ImageTooLargeError):
         return str(error)  # names the file, its size and the limit
@@ -89,7 +89,7 @@ def check_images(paths: Sequence[str]) -> tuple[list[int], dict[int, str]]:
             image_size(p)
             readable.append(i)
         except ExampleError as e:
-            bad[i] = _unreadable(p, e)
+            bad[i] = unreadable_image(p, e)
     return readable, bad
 
 
@@ -101,7 +101,7 @@ def find_config(checkpoint: str, config: str | None = None) -> Any:
     return resolve_config(config or None, checkpoint)[0]
 
 
-def _batch_masks(
+def batch_masks(
     forward: Any,
     variables: Any,
     images: Sequence[np.ndarray],
@@ -143,7 +143,7 @@ def predict_stream(
     items = iter(images)
     with tqdm.tqdm(total=total, desc="predict", disable=not progress, leave=False) as bar:
         while chunk := list(itertools.islice(items, batch_size)):
-            masks = _batch_masks(forward, variables, [im for _, im in chunk], ids, image_size)
+            masks = batch_masks(forward, variables, [im for _, im in chunk], ids, image_size)
             bar.update(len(chunk))
             for (key, image), mask in zip(chunk, masks):
                 yield key, image, mask
@@ -231,7 +231,7 @@ def run(
             try:
                 yield i, load_image(paths[i])
             except ExampleError as e:  # damaged past its header: reported, the others go on
-                records[i] = {"image": paths[i], "error": _unreadable(paths[i], e)}
+                records[i] = {"image": paths[i], "error": unreadable_image(paths[i], e)}
 
     stems = _names(paths)
     stream = predict_stream(

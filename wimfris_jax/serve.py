@@ -13,7 +13,7 @@ call is an HTTP API (``api_name="predict"``; e.g. ``gradio_client.Client(url).pr
 
 The model is loaded once and its forward (:func:`wimfris_jax.inference.forward_fn`) is compiled once, at start-up, for
 one batch size B: the sentences of a request are tokenised (ids (n, L)) and run on the image repeated, B at a time,
-each batch padded to B (:func:`wimfris_jax.predict._batch_masks`, the preprocessing of ``wimfris predict``), so the
+each batch padded to B (:func:`wimfris_jax.predict.batch_masks`, the preprocessing of ``wimfris predict``), so the
 masks are those ``wimfris predict`` writes. Requests run one at a time (Gradio's default concurrency limit of 1).
 
 Input limits: an image is checked by its header before it is decoded (:func:`data_pipeline.images.image_size`: the
@@ -42,7 +42,7 @@ from wimfris_jax.evaluate import data_settings
 from wimfris_jax.inference import forward_fn, pad_batch
 from wimfris_jax.load import load_model
 from wimfris_jax.metrics import THRESHOLD, probability_map
-from wimfris_jax.predict import PredictError, _batch_masks, _unreadable, check_sentence, find_config
+from wimfris_jax.predict import PredictError, batch_masks, check_sentence, find_config, unreadable_image
 from wimfris_jax.visualize import overlay
 
 DEFAULT_HOST = "127.0.0.1"
@@ -96,7 +96,7 @@ def read_image(upload: str | dict | None) -> np.ndarray:
         image_size(path, name)
         return load_image(path)
     except ExampleError as e:
-        raise ServeError(_unreadable(name, e).replace(path, name)) from None
+        raise ServeError(unreadable_image(name, e).replace(path, name)) from None
 
 
 class Predictor:
@@ -121,7 +121,7 @@ class Predictor:
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
             padded = pad_batch([chunk], self.batch_size)[0]  # (B, L): one compiled shape
-            out += _batch_masks(self.forward, self.variables, [image] * len(chunk), padded, s["image_size"],
+            out += batch_masks(self.forward, self.variables, [image] * len(chunk), padded, s["image_size"],
                                 post=score_logits)  # fmt: skip
         return out
 

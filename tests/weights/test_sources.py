@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 from http_server import LocalServer
-from hub_fixtures import BERT_REPO, COMMIT, DINOV2_REPO, tiny_bert, tiny_dinov2
+from hub_fixtures import BERT_REPO, COMMIT, DINOV2_REPO, offline_hub, tiny_bert, tiny_dinov2
 
 from wimfris_jax.weights import sources
 from wimfris_jax.weights.download import DownloadError
@@ -28,12 +28,7 @@ def hf_cache(tmp_path_factory):
 @pytest.fixture
 def offline(hf_cache, tmp_path, monkeypatch):
     """The Hub offline, its cache the test's; the converted-weights cache in tmp_path."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("WIMFRIS_CACHE", str(tmp_path / "wimfris_cache"))
+    offline_hub(monkeypatch, hf_cache, tmp_path / "wimfris_cache")
     return hf_cache
 
 

@@ -194,6 +194,31 @@ def test_tiny_converter_reports_every_bad_key(tiny):
     assert "'proj.txt.bias' -> 'params/projector/txt/bias': shape (144,) from the checkpoint" in msg
 
 
+def test_released_checkpoint_by_name(tiny, tmp_path, monkeypatch):
+    """``hf:ORG/NAME/FOLDER/FILE.pth`` (as thuteam/DETRIS publishes them), from an offline Hugging Face cache: converted
+    once into the cache, then loaded by name; the same variables as the direct conversion."""
+    import shutil
+
+    from hub_fixtures import offline_hub, snapshot
+
+    from wimfris_jax.io import flatten, load_params
+    from wimfris_jax.pretrained import local_checkpoint
+
+    folder = snapshot(tmp_path / "hf", "test-org/detris")
+    os.makedirs(os.path.join(folder, "base"))
+    shutil.copy(tiny["folder"] / "tiny.pth", os.path.join(folder, "base", "tiny.pth"))
+    offline_hub(monkeypatch, tmp_path / "hf", tmp_path / "cache")
+    path = local_checkpoint("hf:test-org/detris/base/tiny.pth", tiny_config(), progress=False)
+    assert path.startswith(str(tmp_path / "cache")) and path.endswith(".msgpack")
+    got, meta = load_params(path)
+    assert meta["source"] == "hf:test-org/detris/base/tiny.pth"
+    want = flatten(tiny["variables"])
+    assert flatten(got).keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(flatten(got)[k], np.asarray(v), err_msg=k)
+    assert local_checkpoint("hf:test-org/detris/base/tiny.pth", tiny_config(), progress=False) == path
+
+
 def test_load_model_names_mismatching_params(tiny):
     from wimfris_jax import load_model
     from wimfris_jax.checkpoints import CheckpointMismatch
