@@ -10,11 +10,11 @@ mean per-pixel BCE (``loss_weights`` (1, 0, 0) of eq. (10) of WIMFRIS = DETRIS's
 
 Run::
 
-    python -m port_weights detris base_refcoco.pth detris_b_refcoco.msgpack   # thuteam/DETRIS base/
+    wimfris eval --config configs/detris_b.py --checkpoint hf:thuteam/DETRIS/base/base_refcoco.pth  # the release
     python -m wimfris_jax.summary --config configs/detris_b.py
-    wimfris train --config configs/detris_b.py --workdir runs/detris_b
+    wimfris train --config configs/detris_b.py --workdir runs/detris_b   # backbones from config.init (WIMFRIS-B's)
 
-    model, variables = wimfris_jax.load_model("configs/detris_b.py", "detris_b_refcoco.msgpack")
+    model, variables = wimfris_jax.load_model("configs/detris_b.py", "hf:thuteam/DETRIS/base/base_refcoco.pth")
     logits = model.apply(variables, images, ids)     # (B, 448, 448, 3), (B, 17) -> (B, 128, 128)
 
 Expected: parameter counts of the official checkpoint -- 175,529,778 in all (the checkpoint also holds DINOv2's

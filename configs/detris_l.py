@@ -6,7 +6,7 @@ batch 64, 50 epochs, lr x0.1 at epoch 35.
 
 Run::
 
-    python -m port_weights detris large_refcoco.pth detris_l_refcoco.msgpack   # thuteam/DETRIS large/
+    python -m port_weights detris large_refcoco.pth detris_l_refcoco.msgpack   # or by name: hf:thuteam/DETRIS/large/...
     python -m wimfris_jax.summary --config configs/detris_l.py
     wimfris train --config configs/detris_l.py --workdir runs/detris_l
 

@@ -9,10 +9,8 @@ width, fusion width 256, WFDM width 256, two score maps). Everything trains, the
 
 Run::
 
-    python -m port_weights vmamba vssm_base_0229_ckpt_epoch_237.pth vmamba_b.msgpack     # MzeroMiko/VMamba
-    python -m port_weights clip ViT-L-14.pt clip_l14.msgpack                              # OpenAI / HF CLIP-L/14
-    wimfris train --config configs/tfanet_b.py:refcoco --workdir runs/tfanet_b \
-        --init text_encoder=clip_l14.msgpack --init image_encoder=vmamba_b.msgpack
+    wimfris train --config configs/tfanet_b.py:refcoco --workdir runs/tfanet_b   # VMamba-B's GitHub release and
+                                                                                  # openai:ViT-L/14 (config.init)
     python -m wimfris_jax.summary --config configs/tfanet_b.py
 
 Ablation switches (Table 3; docs/TFANET.md "Ablation switches"), as ``--set`` overrides of this config:

@@ -9,11 +9,8 @@ docs/VIPA.md.
 
 Run::
 
-    python -m port_weights swin swin_base_patch4_window12_384_22k.pth swin_b.msgpack    # Microsoft or HF layout
-    python -m port_weights bert bert-base-uncased/ bert_base.msgpack                    # a HF folder (or its .bin)
-    wimfris train --config configs/vipa_b.py:refcoco --workdir runs/vipa_b \
-        --set data.tokenizer=wordpiece:bert-base-uncased/vocab.txt \
-        --init text_encoder=bert_base.msgpack --init image_encoder=swin_b.msgpack
+    wimfris train --config configs/vipa_b.py:refcoco --workdir runs/vipa_b   # Swin-B 22K, BERT-base and its vocab
+                                                                              # from the Hub (config.init, data.tokenizer)
     python -m wimfris_jax.summary --config configs/vipa_b.py
 
 Ablation switches (``--set`` overrides; docs/VIPA.md "Ablation switches"):

@@ -5,12 +5,10 @@ RFMixer 3-5-7, learnable emphasis from 0.2); HMF neck on DINOv2 blocks 4, 8 (pre
 C = 512, 4x4 windows; DETRIS decoder (3 layers) and projector; 128x128 logits. Adam 1e-4, batch 32,
 50 epochs, lr x0.1 at epoch 35.
 
-Run (the frozen backbones come from converted PyTorch weights)::
+Run (the frozen backbones come from ``config.init``: hf:facebook/dinov2-with-registers-base and openai:ViT-B/16,
+fetched and converted on the first run; ``wimfris weights list``)::
 
-    python -m port_weights clip ViT-B-16.pt clip_b16.msgpack                 # OpenAI / HF CLIP checkpoint
-    python -m port_weights dinov2 dinov2_vitb14_reg4_pretrain.pth dinov2_b14_reg4.msgpack  # torch-hub / HF DINOv2
-    wimfris train --config configs/wimfris_b.py:refcoco --workdir runs/wimfris_b \
-        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_b14_reg4.msgpack
+    wimfris train --config configs/wimfris_b.py:refcoco --workdir runs/wimfris_b
     # the dataset is the config's argument: configs/wimfris_b.py:refcoco+ | :refcocog_umd | :refcocog_google
     python -m wimfris_jax.summary --config configs/wimfris_b.py
 

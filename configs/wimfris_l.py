@@ -3,12 +3,9 @@ r"""WIMFRIS-L: CLIP ViT-B/16 text tower + DINOv2-L/14 (4 registers), 448x448, Re
 Same as WIMFRIS-B except: DINOv2-L/14 (24 layers, width 1024), MSA at layers 2,6,10,14,18,22, neck taps at
 blocks 8 and 16 (DETRIS's L config), Adam 2e-4, batch 64.
 
-Run::
+Run (backbones from ``config.init``: hf:facebook/dinov2-with-registers-large and openai:ViT-B/16)::
 
-    python -m port_weights clip ViT-B-16.pt clip_b16.msgpack                 # OpenAI / HF CLIP checkpoint
-    python -m port_weights dinov2 dinov2_vitl14_reg4_pretrain.pth dinov2_l14_reg4.msgpack  # torch-hub / HF DINOv2
-    wimfris train --config configs/wimfris_l.py:refcoco --workdir runs/wimfris_l \
-        --init text_encoder=clip_b16.msgpack --init image_encoder=dinov2_l14_reg4.msgpack
+    wimfris train --config configs/wimfris_l.py:refcoco --workdir runs/wimfris_l
 
 Expected (paper, Table 2, mIoU): RefCOCO val 78.2 / testA 79.7 / testB 76.3; RefCOCO+ 71.9 / 76.2 / 67.2;
 G-Ref val(u) 70.4, test(u) 71.0, val(g) 69.3.
