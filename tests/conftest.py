@@ -7,9 +7,11 @@ file (helpers.py, toy_model.py, fake_refcoco.py, ...) are imported by their plai
 write_fake_refcoco``), the PyTorch references as ``torch_ref`` (the repository's torch_ref/, which the benchmarks use
 too): this folder and the repository are put on ``sys.path`` here, whatever pytest's import mode."""
 
+import atexit
 import contextlib
 import gc
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,6 +27,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Nothing in the suite reaches the internet: the Hub is offline for every test and subprocess (huggingface_hub reads
+# this when imported), and converted weights go to a folder of this session, not the user's cache. Tests of weights by
+# name populate their own caches (hub_fixtures.py) and serve URLs locally (http_server.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WIMFRIS_CACHE"] = tempfile.mkdtemp(prefix="wimfris_test_cache_")
+atexit.register(shutil.rmtree, os.environ["WIMFRIS_CACHE"], True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

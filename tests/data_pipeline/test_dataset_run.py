@@ -32,6 +32,7 @@ def test_wimfris_b_refcoco_plus_trains_and_evaluates_on_refcoco_plus(tmp_path, c
     train = ["train.global_batch_size=8", "train.epochs=1", "train.eval_every_epochs=0", "train.log_every=1",
              "train.ckpt_every=0", "train.trainable=('^projector/',)"]  # fmt: skip
     sets = _tiny_model_overrides() + [arg for item in data + train for arg in ("--set", item)]
+    sets += ["--init", "image_encoder=none", "--init", "text_encoder=none"]  # tiny sizes: random backbones
 
     assert main(["train", "--config", "configs/wimfris_b.py:refcoco+", "--workdir", run, *sets]) == 0
     with open(f"{run}/config.json", encoding="utf-8") as f:
