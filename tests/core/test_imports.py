@@ -95,7 +95,7 @@ def import_graph(known: dict[str, str], lazy: bool = True) -> dict[str, set[str]
 # module and its submodules ("wimfris_jax.train" is the package and everything in it).
 COMMANDS = (
     "wimfris_jax.cli", "wimfris_jax.demo", "wimfris_jax.evaluate", "wimfris_jax.predict", "wimfris_jax.load",
-    "wimfris_jax.pretrained",
+    "wimfris_jax.pretrained", "wimfris_jax.serve",
 )  # fmt: skip
 MODEL = (
     "wimfris_jax.model", "wimfris_jax.families", "wimfris_jax.backbones", "wimfris_jax.ssm",
@@ -108,6 +108,8 @@ LAYERS = [
     ("wimfris_jax.checkpoints", COMMANDS + ("wimfris_jax.train",), "checkpoint reading sits below training"),
     ("port_weights", COMMANDS + ("wimfris_jax.train",), "converters never import training or the commands"),
     ("data_pipeline", ("wimfris_jax",), "the data pipeline imports only the core (errors, io, normalization)"),
+    ("wimfris_jax.weights", (*MODEL, *COMMANDS, "wimfris_jax.train", "wimfris_jax.checkpoints", "port_weights",
+                             "data_pipeline"), "sources by name are core: data reads vocabularies with them"),
 ]
 DATA_MAY_IMPORT = (
     "wimfris_jax", "wimfris_jax.errors", "wimfris_jax.io", "wimfris_jax.normalization",  # the __init__ is lazy
