@@ -31,8 +31,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # this when imported), and converted weights go to a folder of this session, not the user's cache. Tests of weights by
 # name populate their own caches (hub_fixtures.py) and serve URLs locally (http_server.py).
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["WIMFRIS_CACHE"] = tempfile.mkdtemp(prefix="wimfris_test_cache_")
-atexit.register(shutil.rmtree, os.environ["WIMFRIS_CACHE"], True)
+# One folder for the session, made by the first process (pytest-xdist's workers inherit it) and removed by it at exit.
+if "WIMFRIS_TEST_SESSION" not in os.environ:
+    os.environ["WIMFRIS_TEST_SESSION"] = tempfile.mkdtemp(prefix="wimfris_test_session_")
+    atexit.register(shutil.rmtree, os.environ["WIMFRIS_TEST_SESSION"], True)
+os.environ["WIMFRIS_CACHE"] = os.path.join(os.environ["WIMFRIS_TEST_SESSION"], "weights")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
