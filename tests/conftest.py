@@ -1,7 +1,7 @@
 """Test-wide setup. XLA_FLAGS must be set before JAX starts, so it is set here, at collection time:
 eight virtual CPU devices let the sharding tests build an 8-device mesh on any machine.
 
-The tests mirror the package: a folder per layer (core, data_pipeline, backbones, ssm, train, checkpoints,
+The tests mirror the package: a folder per layer (core, data_pipeline, backbones, ssm, train, checkpoints, weights,
 port_weights, commands) and per family (families/wimfris, families/tfanet, families/vipa). The helpers beside this
 file (helpers.py, toy_model.py, fake_refcoco.py, ...) are imported by their plain names (``from fake_refcoco import
 write_fake_refcoco``), the PyTorch references as ``torch_ref`` (the repository's torch_ref/, which the benchmarks use

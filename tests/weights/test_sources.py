@@ -85,7 +85,7 @@ def test_hf_from_the_offline_cache(offline):
         fetch("hf:test-org/absent", progress=False)
     msg = str(e.value)
     assert msg.startswith("hf:test-org/absent: model.safetensors / pytorch_model.bin not in the Hugging Face cache")
-    assert "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
+    assert "the Hub is off (HF_HUB_OFFLINE=1)" in msg and "\n" not in msg
     assert local("hf:test-org/absent") is None
 
 

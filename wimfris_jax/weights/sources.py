@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from wimfris_jax.errors import UserError
@@ -166,20 +168,29 @@ def hub_file(source: Source, filename: str | None, *, progress: bool = True) -> 
     """The local path of ``filename`` in the Hugging Face repo of ``source`` (None: the model's weights, the first of
     :data:`HF_WEIGHTS` the repo has, with its config.json when there is one)."""
     import huggingface_hub as hub  # lazy: only for hf: sources
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     where = f"hf:{source.location}" + (f"@{source.revision}" if source.revision else "")
     names = [filename] if filename else list(HF_WEIGHTS)
     kw: dict[str, Any] = dict(revision=source.revision, library_name="wimfris_jax")
     if not progress:
         kw["tqdm_class"] = _Silent
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     missing_here, missing_there = [], []
-    for name in names:
+    for i, name in enumerate(names):
         try:
-            path = hub.hf_hub_download(source.location, name, **kw)
-        except errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no connection) and not in the cache
-            missing_here.append(name)
-            continue
+            with _quiet("huggingface_hub.utils._http"):  # its retry warnings; the outcome is one line here
+                path = hub.hf_hub_download(source.location, name, **kw)
+        except errors.LocalEntryNotFoundError as e:  # not in the cache, and offline or the Hub unreachable
+            if constants.is_offline_mode():
+                missing_here.append(name)
+                continue
+            for other in names[i + 1 :]:  # unreachable: a later candidate the cache holds will do
+                found = hub.try_to_load_from_cache(source.location, other, revision=source.revision)
+                if isinstance(found, str):
+                    return found
+            raise SourceError(f"{where}: cannot reach the Hub ({_innermost(e)}), and {' / '.join(names[i:])} not in "
+                              f"the Hugging Face cache ({cache})") from None  # fmt: skip
         except errors.RevisionNotFoundError:
             raise SourceError(f"{where}: no such revision on the Hub") from None
         except (errors.RepositoryNotFoundError, errors.GatedRepoError):
@@ -195,12 +206,28 @@ def hub_file(source: Source, filename: str | None, *, progress: bool = True) -> 
                 hub.hf_hub_download(source.location, "config.json", **kw)
         return path
     if missing_here:
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise SourceError(
-            f"{where}: {' / '.join(missing_here)} not in the Hugging Face cache ({cache}) and the Hub cannot be "
-            f"reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); fetch it once online"
-        )
+        raise SourceError(f"{where}: {' / '.join(missing_here)} not in the Hugging Face cache ({cache}), and the Hub "
+                          "is off (HF_HUB_OFFLINE=1): fetch it once online (wimfris weights fetch)")  # fmt: skip
     raise SourceError(f"{where} has no {' or '.join(missing_there)}; name the file: hf:{source.location}/FILE")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """The ``logger``'s records below ERROR dropped for the block (a filter: huggingface_hub resets its levels)."""
+    log = logging.getLogger(logger)
+    drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _innermost(error: BaseException) -> str:
+    """The first line of the deepest cause of ``error`` (e.g. the DNS failure behind a Hub error)."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class _Silent:  # a tqdm stand-in for huggingface_hub when progress is off
