@@ -53,9 +53,8 @@ def convert(
     family: str, src: str, out: str, *, meta: dict | None = None, prog: str = PROG, options: dict | None = None
 ) -> str:
     """Converts ``src`` with the ``family`` converter (its ``from_checkpoint(src, **options)``) and writes ``out``
-    (with ``meta`` added to the converter's);
-    returns the summary line. Upcast warnings are printed as one ``{prog}: warning:`` line each (also when the
-    conversion then fails); other warnings as usual."""
+    (with ``meta`` added to the converter's); returns the summary line. Upcast warnings are printed as one
+    ``{prog}: warning:`` line each (also when the conversion then fails); other warnings as usual."""
     check_output(out)
     module = importlib.import_module(FAMILIES[family])
     try:

@@ -52,26 +52,28 @@ def cached_path(fetched: Fetched, family: str, options: Mapping[str, Any] | None
 def cached(spec: str, family: str) -> bool:
     """Whether ``spec`` is ready without network or conversion: a local converted file, or converted in the cache."""
     source = parse_source(spec)
-    if source.kind == "file" and os.path.exists(source.location) and is_converted(source.location):
+    if used_as_is(source):
         return True
     fetched = local(source)
     return fetched is not None and family in FAMILIES and os.path.exists(cached_path(fetched, family))
 
 
-def is_converted(path: str) -> bool:
-    """A local file or folder the model reads as it is: a converted ``.msgpack`` or a training run (step) folder."""
+def used_as_is(source: Source) -> bool:
+    """Whether ``source`` is a local file or folder the model reads as it is, unconverted: a ``.msgpack`` or a training
+    run (step) folder (a Hugging Face folder holds weights files; a run directory, checkpoints/ and config.json)."""
+    path = source.location
+    if source.kind != "file" or not os.path.exists(path):
+        return False
     if os.path.isfile(path):
         return path.endswith(".msgpack")
-    return os.path.isdir(path) and not any(
-        n.endswith((".safetensors", ".bin", ".pth", ".pt")) for n in os.listdir(path)
-    )  # a Hugging Face folder holds weights files; a run directory holds checkpoints/ and config.json
+    return not any(n.endswith((".safetensors", ".bin", ".pth", ".pt")) for n in os.listdir(path))
 
 
 def resolve(spec: str, family: str, *, options: Mapping[str, Any] | None = None, progress: bool = True) -> str:
     """The ``.msgpack`` (or run directory) for ``spec``: a local converted file or run as it is, else
     :func:`converted`."""
     source = parse_source(spec)
-    if source.kind == "file" and os.path.exists(source.location) and is_converted(source.location):
+    if used_as_is(source):
         return source.location
     return converted(source, family, options=options, progress=progress)[0]
 

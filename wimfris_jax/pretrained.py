@@ -44,13 +44,11 @@ def init_sources(config: Any, items: Sequence[str] = ()) -> dict[str, str]:
             sources.pop(prefix, None)
         else:
             sources[prefix] = spec
-    from port_weights.cache import is_converted
+    from port_weights.cache import used_as_is
 
     converters = family(config.model).pretrained
     for prefix, spec in sources.items():
-        source = parse_source(spec)
-        as_is = source.kind == "file" and os.path.exists(source.location) and is_converted(source.location)
-        if prefix not in converters and not as_is:
+        if prefix not in converters and not used_as_is(parse_source(spec)):
             known = ", ".join(f"{k} ({v})" for k, v in converters.items()) or "none"
             raise ConfigError(f"--init {prefix}={spec}: no converter for subtree {prefix!r} of this model family "
                               f"(known: {known}); give a converted .msgpack or a run directory")  # fmt: skip

@@ -150,12 +150,9 @@ def local(source: Source | str) -> Fetched | None:
                 return _hub_fetched(source, path)
         return None
     if source.kind == "url":
-        path, record = _download_paths(source.location)
-        if not (os.path.exists(path) and os.path.exists(record)):
-            return None
-        with open(record, encoding="ascii") as f:
-            known = f.read().strip()
-        return Fetched(source, path, f"sha256:{known}") if source.sha256 in (None, known) else None
+        path, _, known = _recorded(source.location)
+        usable = known and os.path.exists(path) and source.sha256 in (None, known)
+        return Fetched(source, path, f"sha256:{known}") if usable else None
     return fetch(source, progress=False) if os.path.exists(source.location) else None
 
 
@@ -251,24 +248,29 @@ def _download_paths(url: str) -> tuple[str, str]:
     return path, path + ".sha256"
 
 
+def _recorded(url: str) -> tuple[str, str, str | None]:
+    """``(path, record, sha256)``: :func:`_download_paths` and the sha256 recorded by an earlier finished download of
+    ``url`` (None if there was none)."""
+    path, record = _download_paths(url)
+    if not os.path.exists(record):
+        return path, record, None
+    with open(record, encoding="ascii") as f:
+        return path, record, f.read().strip()
+
+
 def _download(source: Source, progress: bool) -> tuple[str, str]:
     """``(path, sha256)`` of a URL source in ``<cache>/downloads/<hash of the URL>/<file name>``; the sha256 of each
     finished download is kept beside it (``.sha256``), so a file already there is neither fetched nor hashed again."""
     from wimfris_jax.weights.download import download
 
     url = source.location
-    path, record = _download_paths(url)
-    folder = os.path.dirname(path)
-    known = None
-    if os.path.exists(record):
-        with open(record, encoding="ascii") as f:
-            known = f.read().strip()
-    if known and os.path.exists(path) and source.sha256 in (None, known):
-        return path, known
+    path, record, known = _recorded(url)
     if known and os.path.exists(path):
+        if source.sha256 in (None, known):
+            return path, known
         os.remove(path)  # pinned to other bytes than the copy we hold: fetch again
     expected = source.sha256 or known  # an unpinned URL downloaded before must give the bytes it gave then
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     digest = download(url, path, sha256=expected, progress=progress)
     with open(record + ".tmp", "w", encoding="ascii") as f:
         f.write(digest + "\n")
